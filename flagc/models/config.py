@@ -83,6 +83,7 @@ class ModelConfig:
     def from_dict(cls: type[C], data: Mapping[str, Any], **overrides: Any) -> C:
         """Build from a config.json dict (unknown keys ignored), then apply strict overrides."""
         names = cls.field_names()
+        data = cls._normalize(dict(data))
         kwargs: dict[str, Any] = {}
         for alias, name in cls.hf_aliases.items():
             if alias in data and name not in data:
@@ -93,6 +94,13 @@ class ModelConfig:
         except TypeError as exc:  # a required field is absent from the file
             raise ConfigError(f"{cls.__name__}: {exc}") from exc
         return config.override(**overrides) if overrides else config
+
+    @classmethod
+    def _normalize(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Hook: derive fields a config.json only implies (HF stores labels as id2label)."""
+        if "id2label" in data and "num_labels" not in data and "num_labels" in cls.field_names():
+            data["num_labels"] = len(data["id2label"])
+        return data
 
     @classmethod
     def from_json(cls: type[C], path: str | Path, **overrides: Any) -> C:
@@ -158,7 +166,13 @@ class BertConfig(ModelConfig):
     """BERT and RoBERTa (RoBERTa differs only in pad_token_id / position offset / type vocab)."""
 
     model_type: ClassVar[str] = "bert"
-    hf_aliases: ClassVar[Mapping[str, str]] = {"class_num": "num_labels", "num_layers": "num_hidden_layers"}
+    hf_aliases: ClassVar[Mapping[str, str]] = {
+        "class_num": "num_labels",
+        "num_layers": "num_hidden_layers",
+    }
+    # Sequence-classification head layout (heads.SEQUENCE_CLASSIFIER_HEADS): BERT pools through
+    # `pooler.dense`; RoBERTa has no pooler and a two-layer `classifier`.
+    sequence_head: ClassVar[str] = "pooled"
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -203,6 +217,7 @@ class RobertaConfig(BertConfig):
     """RoBERTa: BERT with positions starting after the pad id and (usually) one token type."""
 
     model_type: ClassVar[str] = "roberta"
+    sequence_head: ClassVar[str] = "dense"
 
     pad_token_id: int = 1
     position_offset: int = -1  # -1: derive pad_token_id + 1 in __post_init__
