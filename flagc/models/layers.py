@@ -260,3 +260,26 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+
+def decoder_bias_and_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_len: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal (+ padding) additive bias [batch|1, 1, seq, past+seq] and position ids [batch, seq].
+
+    Shared by every decoder-only family so they agree on padding and cache-offset semantics.
+    """
+    batch, q_len = input_ids.shape[0], input_ids.shape[1]
+    allowed = causal_allowed(q_len, past_len + q_len, input_ids.device)
+    if attention_mask is not None:
+        allowed = allowed & padding_allowed(attention_mask)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask, batch, q_len, past_len, input_ids.device)
+    return additive_bias(allowed, dtype), position_ids
+
+
+__all__ += ["decoder_bias_and_positions"]
