@@ -21,6 +21,8 @@ def load_hf_model(ctx: BaselineContext, attn: str | None = None) -> Any:
     import torch
     import transformers
 
+    # Progress bars would interleave with the bench log; the timings never include loading.
+    transformers.utils.logging.disable_progress_bar()
     src = ctx.source
     if src is None:
         raise Skip("the manifest records no source path to load the baseline from")

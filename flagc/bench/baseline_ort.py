@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,12 @@ class OrtOptimizerEngine(BenchEngine):
 
         ids = torch.ones(2, 16, dtype=torch.int64)
         raw = tmp / "export.onnx"
-        torch.onnx.export(Wrap(hf).eval(), (ids, ids, torch.zeros_like(ids)), str(raw),
-                          input_names=INPUT_NAMES, output_names=["last_hidden_state"],
-                          dynamo=False, opset_version=18,
-                          dynamic_axes={k: {0: "batch", 1: "seq"} for k in INPUT_NAMES})
+        with warnings.catch_warnings():  # tracer warnings about masks: known and harmless here
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Wrap(hf).eval(), (ids, ids, torch.zeros_like(ids)), str(raw),
+                              input_names=INPUT_NAMES, output_names=["last_hidden_state"],
+                              dynamo=False, opset_version=18,
+                              dynamic_axes={k: {0: "batch", 1: "seq"} for k in INPUT_NAMES})
         om = optimize_model(str(raw), model_type="bert", num_heads=cfg["num_attention_heads"],
                             hidden_size=cfg["hidden_size"])
         if self.precision == "fp16":

@@ -661,10 +661,11 @@ def _t_attention(q, k, v, past_k=None, past_v=None, mask=None, bias=None, prefix
     return out, present_k, present_v
 
 
-def _attention_ref(q, k, v, past_k=None, past_v=None, mask=None, bias=None, prefix=None, **attrs):
+def _attention_ref(*tensors, **attrs):
+    # The attribute `mask` (the kind) shares its name with the mask tensor input; rename it.
     attrs = dict(attrs)
     attrs["mask_kind"] = attrs.pop("mask")
-    return _t_attention(q, k, v, past_k, past_v, mask, bias, prefix, **attrs)
+    return _t_attention(*tensors, **attrs)
 
 
 _define(Op.ATTENTION,

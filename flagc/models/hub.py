@@ -31,7 +31,6 @@ On disk, for `download_path/model_name/`:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -40,12 +39,12 @@ from typing import Callable, Iterator
 
 import filelock
 
-from flagc.errors import CheckpointError, HubError
-from flagc.models import hub_transfer
+from flagc.errors import HubError
+from flagc.models import hub_local, hub_transfer
+from flagc.models.hub_local import COMPLETE_MARKER, INCOMPLETE_MARKER, is_model_complete
 from flagc.models.hub_protocol import (
     HubFile,
     normalize_hub_url,
-    parse_listing,
     validate_model_name,
     validate_rel_path,
 )
@@ -62,17 +61,12 @@ __all__ = [
 
 log = logging.getLogger("flagc.hub")
 
-COMPLETE_MARKER = ".flagc_complete.json"
-INCOMPLETE_MARKER = ".flagc_incomplete"
 LOCKS_DIR = ".flagc_locks"
 # Bounded so a wedged peer (e.g. a lock on a hung network filesystem) ends in an error, yet long
 # enough for a peer to fetch a multi-GB model over a slow link.
 LOCK_TIMEOUT_S = 6 * 3600.0
 # Read at call time so tests (and impatient users) can swap in a faster policy.
 RETRY = hub_transfer.DEFAULT_RETRY
-
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def is_offline() -> bool:
@@ -116,16 +110,16 @@ def download_model(
     validate_model_name(model_name)
     wanted = None if files is None else sorted({validate_rel_path(f, "files=") for f in files})
     model_dir = Path(download_path) / model_name
-    if _missing_files(model_dir, wanted) == []:
+    if hub_local.missing_files(model_dir, wanted) == []:
         return model_dir
     if is_offline():
-        if _hand_placed(model_dir, wanted):
+        if hub_local.hand_placed(model_dir, wanted):
             return model_dir
         raise _offline_error(model_name, model_dir, wanted)
     url = normalize_hub_url(_configured_hub_url(hub_url, model_name, model_dir))
     with _locked(download_path, model_name):
         # A peer may have completed the folder while this process waited for the lock.
-        if _missing_files(model_dir, wanted) == []:
+        if hub_local.missing_files(model_dir, wanted) == []:
             return model_dir
         listing = hub_transfer.fetch_listing(url, model_name, timeout, RETRY)
         selected = _select(listing, wanted, url, model_name)
@@ -149,22 +143,11 @@ def resolve_model_dir(
     """
     validate_model_name(model_name)
     model_dir = Path(download_path) / model_name
-    if is_model_complete(model_dir):
+    if hub_local.is_model_complete(model_dir):
         return model_dir
     return download_model(
         model_name, download_path, hub_url=hub_url, progress=progress, timeout=timeout
     )
-
-
-def is_model_complete(model_dir: str | Path) -> bool:
-    """True when `model_dir` is a loadable model folder (see `resolve_model_dir`)."""
-    model_dir = Path(model_dir)
-    missing = _missing_files(model_dir, None)
-    if missing is not None:
-        return not missing
-    if (model_dir / INCOMPLETE_MARKER).exists():
-        return False
-    return (model_dir / "config.json").is_file() and _local_weights_complete(model_dir)
 
 
 def _configured_hub_url(hub_url: str | None, model_name: str, model_dir: Path) -> str:
@@ -178,25 +161,16 @@ def _configured_hub_url(hub_url: str | None, model_name: str, model_dir: Path) -
     return url
 
 
-def _hand_placed(model_dir: Path, wanted: list[str] | None) -> bool:
-    """True for a folder without hub bookkeeping that already holds what is asked for."""
-    if (model_dir / COMPLETE_MARKER).exists() or (model_dir / INCOMPLETE_MARKER).exists():
-        return False  # hub-managed: only the marker decides
-    if wanted is None:
-        return is_model_complete(model_dir)
-    return all((model_dir / p).is_file() for p in wanted)
-
-
 def _offline_error(model_name: str, model_dir: Path, wanted: list[str] | None) -> HubError:
     """The HubError for FLAGC_OFFLINE=1 when the model is not (completely) local."""
-    missing = _missing_files(model_dir, wanted)
+    missing = hub_local.missing_files(model_dir, wanted)
     if missing is None and wanted is not None:
         missing = [p for p in wanted if not (model_dir / p).is_file()]
     if missing:
         what = f"missing {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
     elif not model_dir.is_dir():
         what = "the folder does not exist"
-    elif (model_dir / INCOMPLETE_MARKER).exists():
+    elif (model_dir / hub_local.INCOMPLETE_MARKER).exists():
         what = "an earlier download did not finish"
     else:
         what = "no completed download there and no config.json + weights"
@@ -256,114 +230,33 @@ def _download_selected(
     model_dir.mkdir(parents=True, exist_ok=True)
     # Written before any file lands, removed only after the marker: a crash in between leaves a
     # folder that neither the marker nor the config.json+weights heuristic accepts.
-    (model_dir / INCOMPLETE_MARKER).touch()
-    todo = [f for f in selected if not hub_transfer.local_file_matches(model_dir / f.path, f)]
+    (model_dir / hub_local.INCOMPLETE_MARKER).touch()
+    todo = [f for f in selected if not _already_in_place(model_dir, f)]
     with _progress_bar(progress, sum(f.size for f in todo)) as report:
         done = 0
         for f in todo:
-            hub_transfer.fetch_file(
-                url, model_name, model_dir, f, timeout,
-                lambda n, f=f, done=done: report(f.path, done + n),
-                RETRY,
-            )
+            on_bytes = _file_progress(report, f"{model_name}/{f.path}", done)
+            hub_transfer.fetch_file(url, model_name, model_dir, f, timeout, on_bytes, RETRY)
             done += f.size
-    _write_complete_marker(model_dir, model_name, url, listing, selected)
-    (model_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
+    hub_local.write_complete_marker(model_dir, model_name, url, listing, selected)
+    (model_dir / hub_local.INCOMPLETE_MARKER).unlink(missing_ok=True)
 
 
-def _write_complete_marker(
-    model_dir: Path, model_name: str, url: str, listing: list[HubFile], selected: list[HubFile]
-) -> None:
-    """Atomically write the marker: earlier verified files still in the listing, plus `selected`."""
-    entries = {f.path: f for f in _read_marker_files(model_dir) or []}
-    current = {f.path: f for f in listing}
-    # Keep earlier downloads only if the hub still lists them unchanged.
-    verified = {p: f for p, f in entries.items() if current.get(p) == f}
-    verified.update({f.path: f for f in selected})
-    marker = {
-        "format": 1,
-        "model": model_name,
-        "hub_url": url,
-        "listing": [f.to_json() for f in listing],
-        "files": [verified[p].to_json() for p in sorted(verified)],
-    }
-    tmp = model_dir / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(marker, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, model_dir / COMPLETE_MARKER)
+def _already_in_place(model_dir: Path, hub_file: HubFile) -> bool:
+    """True when `hub_file` is on disk: trusted from the marker, else size- and digest-checked."""
+    target = model_dir / hub_file.path
+    recorded = {f.path: f for f in hub_local.read_marker_files(model_dir) or []}
+    if recorded.get(hub_file.path) == hub_file and target.is_file():
+        # Verified before its rename by an earlier download; re-hashing GBs here would be waste.
+        return target.stat().st_size == hub_file.size
+    return hub_transfer.local_file_matches(target, hub_file)
 
 
-def _read_marker(model_dir: Path) -> tuple[list[HubFile], list[HubFile]] | None:
-    """(listing, verified files) from the completion marker, or None when absent or unreadable."""
-    marker = model_dir / COMPLETE_MARKER
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-        listing = parse_listing(json.dumps(data["listing"]).encode(), str(marker))
-        verified = parse_listing(json.dumps(data["files"]).encode(), str(marker))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, HubError) as exc:
-        # A damaged marker only costs a re-check/re-download, never a wrong load.
-        log.warning("ignoring unreadable download marker %s: %s", marker, exc)
-        return None
-    return listing, verified
-
-
-def _read_marker_files(model_dir: Path) -> list[HubFile] | None:
-    """The verified files recorded in the marker, or None."""
-    marker = _read_marker(model_dir)
-    return None if marker is None else marker[1]
-
-
-def _missing_files(model_dir: Path, wanted: list[str] | None) -> list[str] | None:
-    """Paths still needed per the marker (`[]` = complete); None when there is no marker.
-
-    With `wanted` None the whole hub listing recorded in the marker is needed. Only existence and
-    size are checked here (cheap, on every load); digests were checked before the rename.
-    """
-    marker = _read_marker(model_dir)
-    if marker is None:
-        return None
-    listing, verified = marker
-    have = {f.path: f for f in verified}
-    needed = [f.path for f in listing] if wanted is None else wanted
-    missing = []
-    for path in needed:
-        entry = have.get(path)
-        target = model_dir / path
-        if entry is None or not target.is_file() or target.stat().st_size != entry.size:
-            missing.append(path)
-    return missing
-
-
-def _local_weights_complete(model_dir: Path) -> bool:
-    """Heuristic for hand-placed folders: no `.part` files, and every indexed shard present."""
-    if any(model_dir.rglob("*.part")):
-        return False
-    for index_name in _INDEX_FILES:
-        index = model_dir / index_name
-        if index.is_file():
-            return all((model_dir / shard).is_file() for shard in _index_shards(index))
-    return any(
-        p.is_file() and p.stat().st_size > 0 for pattern in _WEIGHT_GLOBS
-        for p in model_dir.glob(pattern)
-    )
-
-
-def _index_shards(index: Path) -> set[str]:
-    """Shard file names of a Hugging Face weight index; CheckpointError naming it when malformed."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = set(weight_map.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index}: not a valid weight index ({exc!r})") from None
-    for shard in shards:
-        if not isinstance(shard, str):
-            raise CheckpointError(f"{index}: shard name {shard!r} is not a string")
-        validate_rel_path(shard, str(index))
-    return shards
+def _file_progress(
+    report: Callable[[str, int], None], path: str, offset: int
+) -> Callable[[int], None]:
+    """Turn a file's bytes-on-disk count into the overall count the progress bar shows."""
+    return lambda n: report(path, offset + n)
 
 
 @contextmanager

@@ -111,7 +111,7 @@ def validate_rel_path(path: object, where: str) -> str:
         raise HubError(f"{where}: path {path!r} is absolute; listed paths must be relative")
     _check_segments(path, f"{where}: path")
     name = path.rsplit("/", 1)[-1]
-    if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES) or name.endswith(".lock"):
+    if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
         raise HubError(f"{where}: path {path!r} collides with a name flagc uses for bookkeeping")
     return path
 
@@ -172,7 +172,7 @@ def parse_listing(body: bytes, url: str) -> list[HubFile]:
         data = data["files"]
     if not isinstance(data, list):
         raise HubError(
-            f"hub listing {url}: expected a JSON array of files (or {{\"files\": [...]}}), "
+            f'hub listing {url}: expected a JSON array of files (or {{"files": [...]}}), '
             f"received {type(data).__name__}: {_snippet(body)}"
         )
     if not data:

@@ -85,7 +85,8 @@ def _open(url: str, timeout: float, not_found: str, headers: dict[str, str] | No
     Args:
         url: the full URL.
         timeout: seconds for the connect and for each socket read.
-        not_found: the message for an HTTP 404 (the caller knows whether a model or file is missing).
+        not_found: the message for an HTTP 404 (only the caller knows whether a model or a file
+            is missing).
         headers: extra request headers (Range).
     """
     # identity: a compressed body would break both Range offsets and the size check.
@@ -99,7 +100,9 @@ def _open(url: str, timeout: float, not_found: str, headers: dict[str, str] | No
     except urllib.error.URLError as exc:
         raise _url_error(exc.reason, url, timeout) from None
     except TimeoutError:
-        raise _Transient(f"timed out after {timeout:g} s waiting for an answer from {url}") from None
+        raise _Transient(
+            f"timed out after {timeout:g} s waiting for an answer from {url}"
+        ) from None
     except (ConnectionError, http.client.HTTPException) as exc:
         # RemoteDisconnected and friends: the server dropped us before the status line.
         raise _Transient(f"connection to {url} dropped: {type(exc).__name__}: {exc}") from None
@@ -145,7 +148,7 @@ def _url_error(reason: object, url: str, timeout: float) -> Exception:
 
 
 def _with_retries(action: Callable[[], object], what: str, policy: RetryPolicy):
-    """Run `action`, retrying `_Transient` failures per `policy`; HubError passes straight through."""
+    """Run `action`, retrying `_Transient` failures per `policy`; HubError passes through."""
     last: _Transient | None = None
     for attempt in range(policy.attempts):
         try:
@@ -229,7 +232,12 @@ def fetch_file(
 
 
 def _fetch_once(
-    url: str, part: Path, hub_file: HubFile, model_name: str, timeout: float, on_progress: ProgressFn
+    url: str,
+    part: Path,
+    hub_file: HubFile,
+    model_name: str,
+    timeout: float,
+    on_progress: ProgressFn,
 ) -> None:
     """One GET of the missing tail of `part`; raises _Transient when the stream breaks off."""
     if hub_file.size == 0:
@@ -287,7 +295,9 @@ def _copy_body(resp, out, have: int, url: str, hub_file: HubFile, timeout: float
             # One byte more than needed would reveal a body longer than listed.
             chunk = resp.read(min(_CHUNK, hub_file.size - have + 1))
         except TimeoutError:
-            raise _Transient(f"timed out after {timeout:g} s reading {url} at byte {have}") from None
+            raise _Transient(
+                f"timed out after {timeout:g} s reading {url} at byte {have}"
+            ) from None
         except (ConnectionError, http.client.HTTPException) as exc:
             # IncompleteRead is what a dropped connection looks like when Content-Length was sent.
             raise _Transient(

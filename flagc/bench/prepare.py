@@ -1,0 +1,39 @@
+"""Building a suite's artifacts when `flagc bench --suite NAME` is given no ARTIFACT."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from flagc.bench.adapter import build_artifact
+from flagc.bench.sources import SOURCES
+from flagc.bench.suites import Suite
+from flagc.errors import ConfigError, LoweringError
+
+__all__ = ["suite_artifacts"]
+
+
+def suite_artifacts(suite: Suite, cache_dir: Path,
+                    log: Callable[[str], None]) -> tuple[list[Path], list[str]]:
+    """Build every (model, target) of `suite` under `cache_dir`/artifacts.
+
+    Returns the artifact folders and notes for targets a model does not support (the builder's
+    ConfigError / LoweringError message). Other errors propagate: a suite that cannot build
+    its artifacts has no result to report.
+    """
+    out: list[Path] = []
+    notes: list[str] = []
+    for model in suite.models:
+        source = SOURCES[model.source](cache_dir)
+        for target in model.targets:
+            folder = cache_dir / "artifacts" / suite.name / f"{model.name}-{target}"
+            # Rebuilt on every run: the artifact must come from the flagc being measured.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            log(f"building {model.name} for {target} from {source}")
+            try:
+                out.append(build_artifact(source, target, folder))
+            except (ConfigError, LoweringError) as e:
+                notes.append(f"{model.name}: target {target} skipped, the builder says: {e}")
+    return out, notes

@@ -1,0 +1,190 @@
+"""Weight stores: a uniform, lazy view of checkpoint tensors by name.
+
+A store answers `names()`, `info(name) -> (dtype, shape)` without reading tensor data, and
+`source(name, transform)` returns a WeightSource that loads one tensor as float32 numpy when called.
+Safetensors and GGUF are memory-mapped; pytorch_model.bin is loaded with `weights_only=True, mmap=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Optional
+
+import numpy as np
+
+from flagc.errors import CheckpointError
+from flagc.ir.graph import WeightSource
+
+__all__ = ["WeightStore", "SafetensorsStore", "TorchBinStore", "MappedStore", "open_weight_store"]
+
+Transform = Optional[Callable[[np.ndarray], np.ndarray]]
+
+
+class WeightStore:
+    """Base: subclasses fill `_index` with name -> (dtype string, shape, loader)."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        self._index: dict[str, tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = {}
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if name not in self._index:
+            raise CheckpointError(self.missing_message(name))
+        dtype, shape, _ = self._index[name]
+        return dtype, shape
+
+    def missing_message(self, name: str) -> str:
+        close = [n for n in self._index if n.split(".")[-1] == name.split(".")[-1]][:3]
+        hint = f"; similar names: {close}" if close else ""
+        return f"tensor {name!r} not found in checkpoint {self.origin}{hint}"
+
+    def source(self, name: str, transform: Transform = None) -> WeightSource:
+        if name not in self._index:
+            raise CheckpointError(self.missing_message(name))
+        _, _, load = self._index[name]
+        origin = f"{self.origin}:{name}"
+
+        def read() -> np.ndarray:
+            try:
+                arr = load()
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(f"cannot read tensor {name!r} from {self.origin}: {exc}") \
+                    from exc
+            return transform(arr) if transform else arr
+
+        return WeightSource(read, origin)
+
+
+def _to_f32_numpy(t) -> np.ndarray:
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float32).contiguous().numpy() if t.is_floating_point() \
+            else t.detach().contiguous().numpy()
+    return np.asarray(t)
+
+
+class SafetensorsStore(WeightStore):
+    """One or more .safetensors files (sharded checkpoints via their index json)."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(", ".join(os.path.basename(f) for f in files) if len(files) > 1
+                         else files[0])
+        for path in files:
+            self._add_file(path)
+
+    def _add_file(self, path: str) -> None:
+        from safetensors import safe_open
+
+        header = _read_safetensors_header(path)
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors file: {exc}") from exc
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            shape = tuple(int(d) for d in meta["shape"])
+            self._index[name] = (str(meta["dtype"]), shape,
+                                 (lambda n=name: _to_f32_numpy(handle.get_tensor(n))))
+
+
+def _read_safetensors_header(path: str) -> dict:
+    """Validate the header ourselves so truncation is reported with byte counts, not a panic."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: corrupt safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} header bytes, "
+                                  f"file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_bytes = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(meta["data_offsets"][1])
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if end > data_bytes:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data "
+                                  f"section but the file holds {data_bytes} (truncated?)")
+    return header
+
+
+class TorchBinStore(WeightStore):
+    """pytorch_model.bin shards, loaded with weights_only=True (never unpickling code)."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(", ".join(os.path.basename(f) for f in files) if len(files) > 1
+                         else files[0])
+        import torch
+
+        for path in files:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+            for name, t in sd.items():
+                if not hasattr(t, "shape"):
+                    continue
+                self._index[name] = (str(t.dtype).replace("torch.", ""), tuple(t.shape),
+                                     (lambda t=t: _to_f32_numpy(t)))
+
+
+class MappedStore(WeightStore):
+    """A renaming view over another store, with per-tensor transforms (GGUF -> HF names)."""
+
+    def __init__(self, origin: str):
+        super().__init__(origin)
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...],
+            load: Callable[[], np.ndarray]) -> None:
+        self._index[name] = (dtype, tuple(shape), load)
+
+
+def open_weight_store(folder: str) -> WeightStore:
+    """The weights of a Hugging Face style folder: safetensors preferred, then pytorch_model.bin."""
+    entries = sorted(os.listdir(folder))
+    for index_name, cls in (("model.safetensors.index.json", SafetensorsStore),
+                            ("pytorch_model.bin.index.json", TorchBinStore)):
+        if index_name in entries:
+            path = os.path.join(folder, index_name)
+            try:
+                weight_map = json.load(open(path))["weight_map"]
+            except Exception as exc:
+                raise CheckpointError(f"{path}: bad index file: {exc}") from exc
+            files = sorted({os.path.join(folder, f) for f in weight_map.values()})
+            for f in files:
+                if not os.path.isfile(f):
+                    raise CheckpointError(f"{path} names shard {os.path.basename(f)}, "
+                                          "which is missing")
+            return cls(files)
+    st = [os.path.join(folder, e) for e in entries if e.endswith(".safetensors")]
+    if st:
+        return SafetensorsStore(st)
+    bins = [os.path.join(folder, e) for e in entries if e.endswith(".bin") and "model" in e]
+    if bins:
+        return TorchBinStore(bins)
+    raise CheckpointError(f"{folder}: no weights found (expected *.safetensors or "
+                          "pytorch_model.bin)")

@@ -1,0 +1,141 @@
+"""IR graph -> ONNX model file. Weights stream to the file one tensor at a time.
+
+Models whose weights exceed `EXTERNAL_DATA_THRESHOLD` bytes keep them in `model.onnx.data`
+(protobuf caps a file at 2 GB); smaller ones embed them so the model is one file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from flagc.errors import LoweringError
+from flagc.ir.graph import Graph, Value
+from flagc.ir.ops import opdef
+from flagc.ir.symbolic import dim_str
+from flagc.ir.types import DType
+from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
+from flagc.lower.onnx_ops import LowerContext, lowering_for
+from flagc.lower.targets import Target
+from flagc.progress import progress
+
+__all__ = ["lower_to_onnx", "EXTERNAL_DATA_THRESHOLD"]
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _value_info(name: str, v: Value) -> onnx.ValueInfoProto:
+    dims = [d if isinstance(d, int) else dim_str(d) for d in v.shape]
+    return helper.make_tensor_value_info(name, ONNX_DTYPE[v.dtype], dims)
+
+
+def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]:
+    em = OnnxEmitter(target.opset)
+    ctx = LowerContext(em, weight_dtype=lambda v: v.dtype)
+    for name in graph.weights:
+        ctx.weight_loaders[name] = (lambda n=name: graph.load_weight(n))
+    for v in graph.inputs:
+        ctx.names[v] = v.name
+    output_names: dict[Value, str] = {}
+    for out_name, v in graph.outputs.items():
+        if v.kind == "node" and v not in output_names:
+            output_names[v] = out_name
+    for node in graph.nodes:
+        ins = [ctx.name(v) for v in node.inputs]
+        schema = opdef(node.op).inputs
+        if not (schema and schema[-1].endswith("*")):
+            ins += [None] * (len(schema) - len(ins))  # trimmed trailing optionals
+        outs = []
+        for v in node.outputs:
+            ctx.names[v] = output_names.get(v) or em.fresh(node.op.value)
+            outs.append(ctx.names[v])
+        try:
+            lowering_for(node.op)(ctx, node, ins, outs)
+        except LoweringError:
+            raise
+        except Exception as exc:
+            raise LoweringError(f"lowering {node.op.value} ({node.name or 'unnamed'}) to ONNX "
+                                f"failed: {type(exc).__name__}: {exc}") from exc
+    for out_name, v in graph.outputs.items():
+        if ctx.name(v) != out_name:
+            em.op("Identity", [ctx.name(v)], [out_name])
+    return em, ctx
+
+
+def lower_to_onnx(graph: Graph, target: Target, path: str, *,
+                  external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                  on_weight: Callable[[str], None] | None = None) -> list[str]:
+    """Write `path` (and `path + '.data'` for big models); returns the file names written."""
+    em, ctx = emit_graph(graph, target)
+    used = {i for n in em.nodes for i in n.input}
+    em.weights = {k: w for k, w in em.weights.items() if k in used}  # e.g. untransposed Linear W
+    inputs = [_value_info(v.name, v) for v in graph.inputs]
+    outputs = [_value_info(k, v) for k, v in graph.outputs.items()]
+    total = sum(int(np.prod(w.shape, dtype=np.int64)) * w.dtype.itemsize
+                for w in em.weights.values())
+    external = total > external_threshold
+    data_name = os.path.basename(path) + ".data"
+    files = [os.path.basename(path)]
+    initializers = list(em.constants)
+    with progress("writing weights", len(em.weights)) as bar:
+        if external:
+            files.append(data_name)
+            with open(path + ".data", "wb") as data_file:
+                for req in em.weights.values():
+                    initializers.append(_external_tensor(req, data_file, data_name))
+                    bar.advance()
+                    if on_weight:
+                        on_weight(req.name)
+        else:
+            for req in em.weights.values():
+                initializers.append(helper.make_tensor(
+                    req.name, ONNX_DTYPE[req.dtype], req.shape,
+                    _checked_array(req).tobytes(), raw=True))
+                bar.advance()
+                if on_weight:
+                    on_weight(req.name)
+    g = helper.make_graph(em.nodes, graph.name, inputs, outputs, initializers)
+    opsets = [helper.make_opsetid("", target.opset)]
+    opsets += [helper.make_opsetid(d, 1) for d in sorted(em.domains)]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="flagc",
+                              ir_version=9)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    try:
+        onnx.checker.check_model(path)
+    except Exception as exc:
+        raise LoweringError(f"onnx.checker rejected the lowered model {path}: {exc}") from exc
+    return files
+
+
+def _checked_array(req) -> np.ndarray:
+    arr = np.asarray(req.load())
+    if tuple(arr.shape) != req.shape:
+        raise LoweringError(f"weight {req.name!r}: loader returned shape {tuple(arr.shape)}, "
+                            f"the graph expects {req.shape}")
+    if req.dtype is DType.BF16:
+        raise LoweringError(f"weight {req.name!r}: bf16 weights need the precision pass")
+    return np.ascontiguousarray(arr.astype(req.dtype.numpy, copy=False))
+
+
+def _external_tensor(req, data_file, location: str) -> TensorProto:
+    arr = _checked_array(req)
+    offset = data_file.tell()
+    pad = (-offset) % 64  # aligned offsets let onnxruntime memory-map tensors directly
+    if pad:
+        data_file.write(b"\0" * pad)
+        offset += pad
+    data_file.write(arr.tobytes())
+    t = TensorProto()
+    t.name = req.name
+    t.data_type = ONNX_DTYPE[req.dtype]
+    t.dims.extend(req.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+    return t

@@ -1,0 +1,335 @@
+"""IR op -> ONNX lowering table (`lower_onnx[Op.X] = fn`), standard ONNX opset 17.
+
+Each function gets the lowering context, the IR node, its input names (None for absent optionals)
+and the output names it must define.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from flagc.errors import LoweringError
+from flagc.ir.graph import Node, Value
+from flagc.ir.ops import Op
+from flagc.ir.types import DType
+from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
+
+__all__ = ["lower_onnx", "LowerContext"]
+
+INT64_MAX = np.iinfo(np.int64).max
+NEG_INF_F32 = float(np.finfo(np.float32).min)  # finite "minus infinity": masked rows stay finite
+
+
+class LowerContext:
+    """What a lowering function may use: the emitter, names of IR values, weight access."""
+
+    def __init__(self, em: OnnxEmitter, weight_dtype: Callable[[Value], DType]):
+        self.em = em
+        self.names: dict[Value, str] = {}
+        self.weight_dtype = weight_dtype
+        self.weight_loaders: dict[str, Callable[[], np.ndarray]] = {}
+
+    def name(self, v: Optional[Value]) -> Optional[str]:
+        if v is None:
+            return None
+        if v.kind == "weight" and v not in self.names:
+            self.names[v] = self.em.weight(v.name, self.weight_dtype(v), v.shape,
+                                           self.weight_loaders[v.name])
+        return self.names[v]
+
+    def transposed_weight(self, v: Value) -> str:
+        """The [in, out] layout of a [out, in] weight, transposed once at write time."""
+        load = self.weight_loaders[v.name]
+        return self.em.weight(v.name + ".T", self.weight_dtype(v), (v.shape[1], v.shape[0]),
+                              lambda: np.ascontiguousarray(np.asarray(load()).T))
+
+
+LowerFn = Callable[[LowerContext, Node, list, list], None]
+lower_onnx: dict[Op, LowerFn] = {}
+
+
+def _simple(onnx_op: str, **fixed):
+    def fn(ctx, node, ins, outs):
+        ctx.em.op(onnx_op, ins, outs, **fixed)
+    return fn
+
+
+for _op, _name in {
+    Op.ADD: "Add", Op.SUB: "Sub", Op.MUL: "Mul", Op.DIV: "Div", Op.POW: "Pow", Op.MAXIMUM: "Max",
+    Op.EQUAL: "Equal", Op.LESS: "Less", Op.WHERE: "Where", Op.NEG: "Neg", Op.SQRT: "Sqrt",
+    Op.RECIPROCAL: "Reciprocal", Op.EXP: "Exp", Op.LOG: "Log", Op.ABS: "Abs", Op.COS: "Cos",
+    Op.SIN: "Sin", Op.TANH: "Tanh", Op.ERF: "Erf", Op.SIGMOID: "Sigmoid", Op.RELU: "Relu",
+    Op.MATMUL: "MatMul",
+}.items():
+    lower_onnx[_op] = _simple(_name)
+
+
+def _constant(ctx, node, ins, outs):
+    from onnx import numpy_helper
+
+    ctx.em.op("Constant", [], outs, value=numpy_helper.from_array(np.asarray(node.attrs["value"])))
+
+
+def _rsqrt(ctx, node, ins, outs):
+    ctx.em.op("Reciprocal", [ctx.em.op("Sqrt", ins)], outs)
+
+
+def _silu(ctx, node, ins, outs):
+    ctx.em.op("Mul", [ins[0], ctx.em.op("Sigmoid", ins)], outs)
+
+
+def _scalar(ctx, node, value: float) -> str:
+    return ctx.em.const(np.array(value, dtype=node.outputs[0].dtype.numpy))
+
+
+def _gelu(ctx, node, ins, outs):
+    em, x = ctx.em, ins[0]
+    if node.attrs["approximate"] == "tanh":
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x3 = em.op("Mul", [em.op("Mul", [x, x]), x])
+        inner = em.op("Mul", [em.op("Add", [x, em.op("Mul", [x3, _scalar(ctx, node, 0.044715)])]),
+                              _scalar(ctx, node, float(np.sqrt(2 / np.pi)))])
+        t = em.op("Tanh", [inner])
+    else:
+        t = em.op("Erf", [em.op("Div", [x, _scalar(ctx, node, float(np.sqrt(2.0)))])])
+    half_x = em.op("Mul", [x, _scalar(ctx, node, 0.5)])
+    em.op("Mul", [half_x, em.op("Add", [t, _scalar(ctx, node, 1.0)])], outs)
+
+
+def _cast(ctx, node, ins, outs):
+    ctx.em.op("Cast", ins, outs, to=ONNX_DTYPE[DType(node.attrs["dtype"])])
+
+
+def _linear(ctx, node, ins, outs):
+    em = ctx.em
+    w = node.inputs[1]
+    if w.kind == "weight":
+        wt = ctx.transposed_weight(w)
+    else:
+        wt = em.op("Transpose", [ins[1]], perm=[1, 0])
+    if ins[2] is None:
+        em.op("MatMul", [ins[0], wt], outs)
+    else:
+        em.op("Add", [em.op("MatMul", [ins[0], wt]), ins[2]], outs)
+
+
+def _embedding(ctx, node, ins, outs):
+    ctx.em.op("Gather", [ins[1], ins[0]], outs, axis=0)
+
+
+def _gather(ctx, node, ins, outs):
+    ctx.em.op("Gather", ins, outs, axis=node.attrs["axis"])
+
+
+def _layer_norm(ctx, node, ins, outs):
+    ctx.em.op("LayerNormalization", ins, outs, axis=-1, epsilon=float(node.attrs["eps"]))
+
+
+def _rms_norm(ctx, node, ins, outs):
+    # Standard-ONNX form; onnxruntime fuses it into SimplifiedLayerNormalization.
+    em, x, w = ctx.em, ins[0], ins[1]
+    ms = em.op("ReduceMean", [em.op("Pow", [x, _scalar(ctx, node, 2.0)])], axes=[-1], keepdims=1)
+    inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [ms, _scalar(ctx, node, node.attrs["eps"])])])])
+    if node.attrs["offset"]:
+        w = em.op("Add", [w, _scalar(ctx, node, node.attrs["offset"])])
+    em.op("Mul", [em.op("Mul", [x, inv]), w], outs)
+
+
+def _softmax(ctx, node, ins, outs):
+    ctx.em.op("Softmax", ins, outs, axis=node.attrs["axis"])
+
+
+def _reduce(onnx_op: str, axes_as_input: bool):
+    def fn(ctx, node, ins, outs):
+        axes = list(node.attrs["axes"])
+        keep = int(bool(node.attrs["keepdims"]))
+        if axes_as_input:
+            ctx.em.op(onnx_op, [ins[0], ctx.em.i64(*axes)], outs, keepdims=keep)
+        else:
+            ctx.em.op(onnx_op, ins, outs, axes=axes, keepdims=keep)
+    return fn
+
+
+def _reshape(ctx, node, ins, outs):
+    ctx.em.op("Reshape", [ins[0], ctx.em.i64(*node.attrs["shape"])], outs)
+
+
+def _transpose(ctx, node, ins, outs):
+    ctx.em.op("Transpose", ins, outs, perm=list(node.attrs["perm"]))
+
+
+def _concat(ctx, node, ins, outs):
+    ctx.em.op("Concat", ins, outs, axis=node.attrs["axis"])
+
+
+def _slice(ctx, node, ins, outs):
+    a = node.attrs
+    end = min(int(a["end"]), INT64_MAX)
+    ctx.em.op("Slice", [ins[0], ctx.em.i64(a["start"]), ctx.em.i64(end), ctx.em.i64(a["axis"])],
+              outs)
+
+
+def _split(ctx, node, ins, outs):
+    ctx.em.op("Split", [ins[0], ctx.em.i64(*node.attrs["sizes"])], outs, axis=node.attrs["axis"])
+
+
+def _unsqueeze(ctx, node, ins, outs):
+    ctx.em.op("Unsqueeze", [ins[0], ctx.em.i64(*node.attrs["axes"])], outs)
+
+
+def _squeeze(ctx, node, ins, outs):
+    ctx.em.op("Squeeze", [ins[0], ctx.em.i64(*node.attrs["axes"])], outs)
+
+
+def _expand(ctx, node, ins, outs):
+    # Expand broadcasts, so a 1 in the target keeps the input dim (our 0 / -1).
+    shape = [1 if s in (0, -1) else s for s in node.attrs["shape"]]
+    ctx.em.op("Expand", [ins[0], ctx.em.i64(*shape)], outs)
+
+
+def _last_token(ctx, node, ins, outs):
+    ctx.em.op("Slice", [ins[0], ctx.em.i64(-1), ctx.em.i64(INT64_MAX), ctx.em.i64(1)], outs)
+
+
+def _rotary(ctx, node, ins, outs):
+    em = ctx.em
+    x, pos, cos, sin = ins
+    rd = node.attrs["rotary_dim"]
+    head_dim = node.inputs[0].shape[3]
+    key = ("rotary", pos, cos, sin, node.attrs["interleaved"])
+    if key not in em.cache:  # cos/sin rows for these positions, shared by q, k and every layer
+        c = em.op("Unsqueeze", [em.op("Gather", [cos, pos], axis=0), em.i64(2)])  # [b,s,1,rd/2]
+        s = em.op("Unsqueeze", [em.op("Gather", [sin, pos], axis=0), em.i64(2)])
+        if node.attrs["interleaved"]:
+            c, s = em.op("Unsqueeze", [c, em.i64(4)]), em.op("Unsqueeze", [s, em.i64(4)])
+        em.cache[key] = (c, s)
+    c, s = em.cache[key]
+    rot = x if rd == head_dim else em.op("Slice", [x, em.i64(0), em.i64(rd), em.i64(3)])
+    if node.attrs["interleaved"]:
+        pairs = em.op("Reshape", [rot, em.i64(0, 0, 0, rd // 2, 2)])
+        x1 = em.op("Slice", [pairs, em.i64(0), em.i64(1), em.i64(4)])
+        x2 = em.op("Slice", [pairs, em.i64(1), em.i64(2), em.i64(4)])
+        o1 = em.op("Sub", [em.op("Mul", [x1, c]), em.op("Mul", [x2, s])])
+        o2 = em.op("Add", [em.op("Mul", [x2, c]), em.op("Mul", [x1, s])])
+        merged = em.op("Concat", [o1, o2], axis=4)
+        rotated_shape = em.i64(0, 0, 0, rd)
+        if rd == head_dim:
+            em.op("Reshape", [merged, rotated_shape], outs)
+            return
+        rotated = em.op("Reshape", [merged, rotated_shape])
+    else:
+        half = rd // 2
+        x1 = em.op("Slice", [rot, em.i64(0), em.i64(half), em.i64(3)])
+        x2 = em.op("Slice", [rot, em.i64(half), em.i64(rd), em.i64(3)])
+        o1 = em.op("Sub", [em.op("Mul", [x1, c]), em.op("Mul", [x2, s])])
+        o2 = em.op("Add", [em.op("Mul", [x2, c]), em.op("Mul", [x1, s])])
+        if rd == head_dim:
+            em.op("Concat", [o1, o2], outs, axis=3)
+            return
+        rotated = em.op("Concat", [o1, o2], axis=3)
+    rest = em.op("Slice", [x, em.i64(rd), em.i64(INT64_MAX), em.i64(3)])
+    em.op("Concat", [rotated, rest], outs, axis=3)
+
+
+def _attention_mask(ctx, node, ins, seq_source: str, total_source: str) -> str:
+    """Additive mask [b|1, 1, 1, s, T] (0 or a large negative), shared by every layer."""
+    em = ctx.em
+    kind = node.attrs["mask"]
+    mask, prefix = ins[5], ins[7]
+    key = ("attn-mask", kind, mask, prefix)
+    if key in em.cache:
+        return em.cache[key]
+    zero, one = em.i64(0), em.i64(1)
+    s = em.op("Gather", [em.op("Shape", [seq_source]), one], axis=0)
+    t = em.op("Gather", [em.op("Shape", [total_source]), em.i64(2)], axis=0)
+    kpos = em.op("Range", [zero, t, one])  # [T]
+    allowed = None
+    if kind in ("causal", "prefix"):
+        qpos = em.op("Range", [em.op("Sub", [t, s]), t, one])  # [S]: buffer index of each query
+        allowed = em.op("LessOrEqual", [em.op("Unsqueeze", [kpos, em.i64(0)]),
+                                        em.op("Unsqueeze", [qpos, em.i64(1)])])  # [S, T]
+        if kind == "prefix":
+            visible = em.op("Less", [em.op("Reshape", [kpos, em.i64(1, 1, -1)]),
+                                     em.op("Reshape", [prefix, em.i64(-1, 1, 1)])])  # [b, 1, T]
+            allowed = em.op("Or", [allowed, visible])
+    if mask is not None:
+        valid = em.op("Unsqueeze", [em.op("Cast", [mask], to=ONNX_DTYPE[DType.BOOL]), em.i64(1)])
+        allowed = valid if allowed is None else em.op("And", [allowed, valid])  # [b, S|1, T]
+    if allowed is None:
+        em.cache[key] = None
+        return None
+    additive = em.op("Where", [allowed, em.const(np.array(0.0, np.float32)),
+                               em.const(np.array(NEG_INF_F32, np.float32))])
+    if mask is not None or kind == "prefix":  # [b, S|1, T] -> [b, 1, 1, S|1, T]
+        additive = em.op("Unsqueeze", [additive, em.i64(1, 2)])
+    em.cache[key] = additive  # an [S, T] causal mask broadcasts as it is
+    return additive
+
+
+def _attention(ctx, node, ins, outs):
+    em = ctx.em
+    a = node.attrs
+    H, KV = a["num_heads"], a["kv_heads"]
+    G = H // KV
+    q, k, v, past_k, past_v = ins[:5]
+    d = node.inputs[0].shape[3]
+    kt = em.op("Transpose", [k], perm=[0, 2, 1, 3])
+    vt = em.op("Transpose", [v], perm=[0, 2, 1, 3])
+    if past_k is not None:
+        em.op("Concat", [past_k, kt], [outs[1]], axis=2)
+        em.op("Concat", [past_v, vt], [outs[2]], axis=2)
+    else:
+        em.op("Identity", [kt], [outs[1]])
+        em.op("Identity", [vt], [outs[2]])
+    K, V = outs[1], outs[2]
+    # Grouped heads without copying K/V: q as [b, KV, G, s, d] against K as [b, KV, 1, d, T].
+    qs = em.op("Mul", [q, em.const(np.array(a["scale"], dtype=np.float32))])
+    qg = em.op("Transpose", [em.op("Reshape", [qs, em.i64(0, 0, KV, G, d)])], perm=[0, 2, 3, 1, 4])
+    kT = em.op("Unsqueeze", [em.op("Transpose", [K], perm=[0, 1, 3, 2]), em.i64(2)])
+    scores = em.op("MatMul", [qg, kT])  # [b, KV, G, s, T]
+    additive = _attention_mask(ctx, node, ins, q, K)
+    if additive is not None:
+        scores = em.op("Add", [scores, additive])
+    if ins[6] is not None:
+        scores = em.op("Add", [scores, em.op("Reshape", [ins[6], em.i64(0, KV, G, 0, 0)])])
+    probs = em.op("Softmax", [scores], axis=-1)
+    ctx_ = em.op("MatMul", [probs, em.op("Unsqueeze", [V, em.i64(2)])])  # [b, KV, G, s, d]
+    ctx_t = em.op("Transpose", [ctx_], perm=[0, 3, 1, 2, 4])
+    em.op("Reshape", [ctx_t, em.i64(0, 0, -1)], [outs[0]])
+
+
+lower_onnx.update({
+    Op.CONSTANT: _constant,
+    Op.RSQRT: _rsqrt,
+    Op.SILU: _silu,
+    Op.GELU: _gelu,
+    Op.CAST: _cast,
+    Op.LINEAR: _linear,
+    Op.EMBEDDING: _embedding,
+    Op.GATHER: _gather,
+    Op.LAYER_NORM: _layer_norm,
+    Op.RMS_NORM: _rms_norm,
+    Op.SOFTMAX: _softmax,
+    Op.REDUCE_SUM: _reduce("ReduceSum", axes_as_input=True),
+    Op.REDUCE_MEAN: _reduce("ReduceMean", axes_as_input=False),
+    Op.REDUCE_MAX: _reduce("ReduceMax", axes_as_input=False),
+    Op.RESHAPE: _reshape,
+    Op.TRANSPOSE: _transpose,
+    Op.CONCAT: _concat,
+    Op.SLICE: _slice,
+    Op.SPLIT: _split,
+    Op.UNSQUEEZE: _unsqueeze,
+    Op.SQUEEZE: _squeeze,
+    Op.EXPAND: _expand,
+    Op.ROTARY: _rotary,
+    Op.ATTENTION: _attention,
+    Op.LAST_TOKEN: _last_token,
+})
+
+
+def lowering_for(op: Op) -> LowerFn:
+    if op not in lower_onnx:
+        raise LoweringError(f"op {op.value!r} has no ONNX lowering")
+    return lower_onnx[op]
