@@ -1,0 +1,172 @@
+"""flagc's Python API: `build` a model into an artifact folder, `load` an artifact to run it.
+
+The CLI's commands are thin wrappers over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import flagc
+from flagc.artifact import FORMAT_VERSION, staged_folder, write_manifest
+from flagc.checkpoints.source import ModelSource, open_model_source
+from flagc.dsl.custom import build_custom_graph, builtin_model_class, load_custom_model
+from flagc.errors import ConfigError
+from flagc.ir.graph import Graph
+from flagc.ir.symbolic import dim_str
+from flagc.lower.targets import get_target
+
+__all__ = ["build", "load", "BuildResult"]
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+class BuildResult(dict):
+    """The manifest of the artifact just built (a dict), plus `path`."""
+
+    @property
+    def path(self) -> str:
+        return self["_path"]
+
+
+def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
+          custom: Optional[str] = None, max_seq: Optional[int] = None, max_batch: int = 8,
+          task: str = "text-generation", overwrite: bool = True) -> BuildResult:
+    """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
+
+    Args:
+        model: path to a Hugging Face style folder (config.json + weights) or a GGUF file.
+        target: e.g. "onnx-fp32" (see `flagc.lower.targets.TARGETS`).
+        output: artifact folder; written atomically (temp folder, then rename).
+        custom: a custom model file (graph DSL) whose `__model__` describes the network; by
+            default the built-in graph for the checkpoint's model_type is used.
+        max_seq: the longest context (prompt + generated) the artifact accepts; defaults to
+            min(the model's max positions, 4096).
+        max_batch: the largest batch the runtime will size its cache for.
+    """
+    t0 = time.perf_counter()
+    tgt = get_target(target)
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    source = open_model_source(model)
+    cls = load_custom_model(custom) if custom else builtin_model_class(source.model_type)
+    graph, config = build_custom_graph(cls, source.config, source.weights,
+                                       name=_graph_name(source))
+    positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
+    if max_seq is None:
+        max_seq = min(positions, 4096)
+    if not 1 <= max_seq <= positions:
+        raise ConfigError(f"--max-seq {max_seq} must be between 1 and the model's max positions "
+                          f"{positions}")
+    tokenizer = _load_tokenizer(source)
+    with staged_folder(output, overwrite=overwrite) as tmp:
+        from flagc.lower.onnx_model import lower_to_onnx
+
+        files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
+        tok_files = tokenizer.save(tmp) if tokenizer is not None else []
+        manifest = _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq,
+                             max_batch, task, time.perf_counter() - t0)
+        write_manifest(tmp, manifest)
+    manifest["_path"] = os.path.abspath(output)
+    return BuildResult(manifest)
+
+
+def load(path: str, device: str = "cpu", threads: Optional[int] = None):
+    """Load an artifact folder (or the engine file inside it) for inference."""
+    from flagc.runtimes.model import load_artifact
+
+    return load_artifact(path, device=device, threads=threads)
+
+
+def _graph_name(source: ModelSource) -> str:
+    base = os.path.basename(os.path.normpath(source.path))
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in base) or "model"
+
+
+def _load_tokenizer(source: ModelSource):
+    if source.kind == "hf-folder" and not any(
+            os.path.exists(os.path.join(source.path, f)) for f in TOKENIZER_FILES):
+        return None  # e.g. a test model saved without tokenizer: the artifact takes token ids
+    return source.load_tokenizer()
+
+
+def _io_signature(graph: Graph) -> dict[str, list[dict[str, Any]]]:
+    def sig(name, v):
+        return {"name": name, "dtype": v.dtype.value, "shape": [dim_str(d) for d in v.shape]}
+
+    return {"inputs": [sig(v.name, v) for v in graph.inputs],
+            "outputs": [sig(k, v) for k, v in graph.outputs.items()]}
+
+
+def _kv_layout(graph: Graph) -> Optional[dict[str, Any]]:
+    past = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+    if not past:
+        return None
+    v = past[0]
+    return {
+        "layers": len(past) // 2,
+        "kv_heads": int(v.shape[1]),
+        "head_dim": int(v.shape[3]),
+        "dtype": v.dtype.numpy.name,
+        "layout": "[batch, kv_heads, past, head_dim]",
+        "inputs": "past_key_values.{i}.key|value",
+        "outputs": "present.{i}.key|value",
+    }
+
+
+def _generation_defaults(source: ModelSource, config: dict, tokenizer) -> dict[str, Any]:
+    eos: list[int] = []
+    gen_cfg = {}
+    path = os.path.join(source.path, "generation_config.json") if source.kind == "hf-folder" \
+        else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            gen_cfg = json.load(f)
+    for value in (gen_cfg.get("eos_token_id"), config.get("eos_token_id")):
+        if value is not None:
+            eos = [value] if isinstance(value, int) else list(value)
+            break
+    if not eos and tokenizer is not None:
+        eos = list(tokenizer.eos_token_ids)
+    pad = gen_cfg.get("pad_token_id", config.get("pad_token_id"))
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return {"eos_token_ids": [int(e) for e in eos], "pad_token_id": int(pad),
+            "bos_token_id": config.get("bos_token_id"),
+            "defaults": {"max_new_tokens": 128}}
+
+
+def _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq, max_batch,
+              task, seconds) -> dict[str, Any]:
+    kv = _kv_layout(graph)
+    logits = graph.outputs.get("logits")
+    return {
+        "format_version": FORMAT_VERSION,
+        "flagc_version": flagc.__version__,
+        "model": os.path.basename(os.path.normpath(source.path)),
+        "family": source.model_type,
+        "task": task,
+        "target": {"name": tgt.name, "backend": tgt.backend, "precision": tgt.precision,
+                   "opset": tgt.opset},
+        "engine": tgt.engine_file,
+        "files": files,
+        "io": _io_signature(graph),
+        "kv_cache": kv,
+        "vocab_size": int(logits.shape[-1]) if logits is not None else None,
+        "dims": {"max_seq": max_seq, "max_batch": max_batch,
+                 "symbols": ["batch", "seq", "past"]},
+        "generation": _generation_defaults(source, config, tokenizer),
+        "tokenizer": ({"kind": tokenizer.kind, "files": tok_files} if tokenizer is not None
+                      else None),
+        "graph": {"nodes": len(graph.nodes), "ops": graph.op_histogram(),
+                  "parameters": graph.parameter_count()},
+        "source": {"path": os.path.abspath(source.path), "kind": source.kind,
+                   "hash": source.source_hash()},
+        "build": {"seconds": round(seconds, 3), "host": platform.node(), "passes": []},
+    }

@@ -1,0 +1,115 @@
+"""A loaded artifact: engine + tokenizer + manifest, with `forward` and `generate`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from flagc.artifact import read_manifest
+from flagc.errors import ArtifactError, RuntimeInputError
+from flagc.runtimes.generate import GenerationResult, KVLayout, generate_tokens
+from flagc.runtimes.sampling import SamplingParams
+
+__all__ = ["LoadedModel", "load_artifact"]
+
+
+def load_artifact(path: str, device: str = "cpu", threads: int | None = None) -> "LoadedModel":
+    folder, manifest = read_manifest(path)
+    backend = manifest["target"].get("backend")
+    if backend != "onnxruntime":
+        raise ArtifactError(f"{folder}: backend {backend!r} is not supported by this runtime")
+    from flagc.runtimes.ort_engine import OrtEngine
+
+    return LoadedModel(folder, manifest, OrtEngine(folder, manifest, device, threads))
+
+
+class LoadedModel:
+    def __init__(self, folder: str, manifest: dict[str, Any], engine):
+        self.folder = folder
+        self.manifest = manifest
+        self.engine = engine
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.manifest.get("tokenizer"):
+                raise RuntimeInputError(f"{self.folder}: the artifact has no tokenizer (its source "
+                                        "had none); pass token ids instead of text")
+            from flagc.runtimes.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.load(self.folder)
+        return self._tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return bool(self.manifest.get("tokenizer"))
+
+    @property
+    def max_seq(self) -> int:
+        return int(self.manifest["dims"]["max_seq"])
+
+    # ---- full-sequence forward ---------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
+        """Full-sequence outputs (no cache): `logits` [batch, seq, vocab] as numpy."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise RuntimeInputError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        if ids.shape[1] > self.max_seq:
+            raise RuntimeInputError(f"input of {ids.shape[1]} tokens exceeds the artifact's max "
+                                    f"sequence length {self.max_seq}")
+        mask = np.ones_like(ids) if attention_mask is None else \
+            np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        names = set(self.engine.input_names)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        if "kv_cache" in self.manifest and self.manifest["kv_cache"]:
+            feeds.update(KVLayout.from_manifest(self.manifest).empty(ids.shape[0]))
+        outs = [n for n in self.engine.output_names if not n.startswith("present.")]
+        return self.engine.run({k: v for k, v in feeds.items() if k in names}, outs)
+
+    # ---- generation --------------------------------------------------------------------------
+    def _prompt_ids(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            tok = self.tokenizer
+            if chat:
+                text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
+                return tok.encode(text, add_special_tokens=False)
+            return tok.encode(prompt)
+        ids = [int(t) for t in prompt]
+        return ids
+
+    def generate(self, prompt_or_ids, *, chat: bool = False, stream=None, **sampling):
+        """Generate from one prompt (text or token ids) or a list of them.
+
+        Sampling options are keywords (max_new_tokens, temperature, top_k, top_p, seed, ...).
+        Returns a GenerationResult, or a list of them when given a list of prompts.
+        """
+        single = isinstance(prompt_or_ids, str) or (
+            len(prompt_or_ids) > 0 and isinstance(prompt_or_ids[0], (int, np.integer)))
+        prompts = [prompt_or_ids] if single else list(prompt_or_ids)
+        defaults = dict(self.manifest.get("generation", {}).get("defaults", {}))
+        defaults.update(sampling)
+        params = SamplingParams.from_kwargs(**defaults)
+        ids = [self._prompt_ids(p, chat) for p in prompts]
+        gen = self.manifest.get("generation", {})
+        decode = self.tokenizer.decode if self.has_tokenizer else None
+        on_text = None
+        if stream is not None:
+            on_text = (lambda row, piece: stream(piece)) if single else stream
+        self.engine.run_seconds, self.engine.run_calls = 0.0, 0
+        results = generate_tokens(
+            self.engine.run, KVLayout.from_manifest(self.manifest), ids, params,
+            vocab_size=int(self.manifest["vocab_size"]), max_seq=self.max_seq,
+            eos_token_ids=gen.get("eos_token_ids", []), pad_id=int(gen.get("pad_token_id") or 0),
+            decode=decode, on_text=on_text)
+        for r in results:
+            r.timings["session_run_s"] = self.engine.run_seconds
+            r.timings["session_runs"] = self.engine.run_calls
+        return results[0] if single else results
