@@ -45,7 +45,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save(hf_model, root, name):
-    torch.manual_seed(abs(hash(name)) % 1000)
     hf_model.eval().save_pretrained(root / name)
     return hf_model
 
