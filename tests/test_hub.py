@@ -78,6 +78,18 @@ def test_download_writes_exact_files_and_marker(hub, tmp_path, capsys):
     assert len(hub.requests) == before, "a complete folder must not touch the network"
 
 
+def test_corrupt_marker_means_recheck_not_load(hub, tmp_path):
+    model_dir = download_model("tiny", tmp_path, hub_url=hub.url, progress=False)
+    (model_dir / COMPLETE_MARKER).write_text("{truncated")
+    (model_dir / "model.safetensors").write_bytes(b"garbage")  # stale or tampered file
+    assert not is_model_complete(model_dir)
+    resolve_model_dir("tiny", tmp_path, hub_url=hub.url, progress=False)
+    _assert_exact(model_dir, TINY)
+    # Files whose digest still matched were kept, only the bad one was fetched again.
+    assert len(hub.file_requests("tiny", "config.json")) == 1
+    assert len(hub.file_requests("tiny", "model.safetensors")) == 2
+
+
 def test_hub_url_from_env_and_nested_model_name(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("FLAGC_HUB_URL", hub.url + "/")
     model_dir = resolve_model_dir("org/other", tmp_path, progress=False)

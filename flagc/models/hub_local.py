@@ -35,12 +35,14 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def is_model_complete(model_dir: str | Path) -> bool:
-    """True when `model_dir` is a loadable model folder (see `resolve_model_dir`)."""
+    """True when `model_dir` is a loadable model folder (see `hub.resolve_model_dir`)."""
     model_dir = Path(model_dir)
     missing = missing_files(model_dir, None)
     if missing is not None:
         return not missing
-    if (model_dir / INCOMPLETE_MARKER).exists():
+    if (model_dir / COMPLETE_MARKER).exists() or (model_dir / INCOMPLETE_MARKER).exists():
+        # Hub-managed but the marker is unreadable, or a download is running / failed: never
+        # fall back to the hand-placed heuristic, which a half-written folder could satisfy.
         return False
     return (model_dir / "config.json").is_file() and _local_weights_complete(model_dir)
 
@@ -144,7 +146,8 @@ def _index_shards(index: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a valid weight index ({exc!r})") from None
     for shard in shards:
-        if not isinstance(shard, str):
-            raise CheckpointError(f"{index}: shard name {shard!r} is not a string")
-        validate_rel_path(shard, str(index))
+        try:
+            validate_rel_path(shard, str(index))
+        except HubError as exc:  # same safety rules, but here the checkpoint is at fault
+            raise CheckpointError(f"{index}: bad shard name: {exc}") from None
     return shards
