@@ -164,7 +164,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Tokenizer":
-        """Read what `save` wrote; CheckpointError naming the file when one is missing or corrupt."""
+        """Read what `save` wrote; CheckpointError naming the file that is missing or corrupt."""
         folder = Path(folder)
         path = folder / TOKENIZER_FILE
         if not path.is_file():
@@ -236,4 +236,6 @@ def _compile_template(source: str):
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise ConfigError(f"chat template does not parse: line {exc.lineno}: {exc.message}") from exc
+        raise ConfigError(
+            f"chat template does not parse: line {exc.lineno}: {exc.message}"
+        ) from exc

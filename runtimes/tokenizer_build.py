@@ -180,10 +180,15 @@ def sentencepiece_bpe(
     scores: list[float] | None,
     unk_token: str | None,
     add_prefix_space: bool = True,
-    normalizer=None,
+    spm_normalizer: list | None = None,
     split_words: bool = False,
 ) -> Backend:
-    """SentencePiece BPE with byte fallback (LlamaTokenizer's pipeline in transformers).
+    """SentencePiece BPE with byte fallback.
+
+    Without spm_normalizer this is LlamaTokenizer's pipeline in transformers (and its GGUF path):
+    Metaspace adds the "▁" prefix unless the text already starts with a space. With spm_normalizer
+    (a list of normalizers, maybe empty) it follows sentencepiece itself, which always adds the
+    prefix: the normalizer writes the prefix and the ▁s, and Metaspace only splits words.
 
     split_words: merge only within ▁-started words, as sentencepiece does for a model trained with
     split_by_whitespace. llama.cpp and transformers' GGUF path merge across the whole text.
@@ -199,10 +204,21 @@ def sentencepiece_bpe(
             dropout=None,
         )
     )
-    backend.normalizer = normalizer
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_prefix_space else "never", split=split_words
-    )
+    if spm_normalizer is None:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁",
+            prepend_scheme="first" if add_prefix_space else "never",
+            split=split_words,
+        )
+    else:
+        steps = list(spm_normalizer)
+        if add_prefix_space:
+            steps.append(normalizers.Prepend("▁"))
+        steps.append(normalizers.Replace(" ", "▁"))
+        backend.normalizer = normalizers.Sequence(steps)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="never", split=split_words
+        )
     backend.decoder = _metaspace_decoder(add_prefix_space)
     return backend
 
@@ -234,7 +250,7 @@ def wordpiece(
     strip_accents: bool | None = None,
     chinese_chars: bool = True,
 ) -> Backend:
-    """BERT WordPiece: BertNormalizer (CJK characters become words), BertPreTokenizer, ## suffixes."""
+    """BERT WordPiece: BertNormalizer (each CJK character a word), BertPreTokenizer, ##."""
     backend = Backend(models.WordPiece(vocab, unk_token=unk_token))
     backend.normalizer = normalizers.BertNormalizer(
         clean_text=True,
@@ -310,7 +326,9 @@ def _gguf_id(metadata: dict, key: str, size: int) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or not 0 <= value < size:
-        raise ConfigError(f"GGUF metadata tokenizer.ggml.{key} = {value!r} is not a token id < {size}")
+        raise ConfigError(
+            f"GGUF metadata tokenizer.ggml.{key} = {value!r} is not a token id < {size}"
+        )
     return value
 
 
@@ -375,7 +393,9 @@ def from_gguf_metadata(metadata: dict) -> Built:
     size = len(metadata["tokenizer.ggml.tokens"])
     bos = _gguf_id(metadata, "bos_token_id", size)
     eos = _gguf_id(metadata, "eos_token_id", size)
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
+    add_bos = (
+        bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
+    )
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     tokens = metadata["tokenizer.ggml.tokens"]
     set_special_template(

@@ -204,7 +204,9 @@ def _load_spm_proto(path: Path):
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb2
     except ImportError as exc:  # protobuf comes with onnx; say so if it is missing
-        raise ConfigError(f"reading {path} needs the protobuf package: pip install protobuf") from exc
+        raise ConfigError(
+            f"reading {path} needs the protobuf package: pip install protobuf"
+        ) from exc
     proto = pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
@@ -227,15 +229,13 @@ def _from_spm(path: Path, cfg: _Config) -> tuple[Backend, str]:
         kind = "unigram"
     elif proto.trainer_spec.model_type == 2:  # BPE
         tokens = [p for p, _ in pieces]
-        from tokenizers import normalizers
-
         backend = sentencepiece_bpe(
             tokens,
             [s for _, s in pieces],
             tokens[unk_id] if 0 <= unk_id < len(tokens) else None,
             add_prefix_space=proto.normalizer_spec.add_dummy_prefix,
+            spm_normalizer=_spm_normalizers(proto, charsmap),
             split_words=proto.trainer_spec.split_by_whitespace,
-            normalizer=normalizers.Precompiled(charsmap) if charsmap else None,
         )
         kind = "sentencepiece"
     else:
@@ -250,8 +250,24 @@ def _from_spm(path: Path, cfg: _Config) -> tuple[Backend, str]:
     return backend, kind
 
 
+def _spm_normalizers(proto, charsmap: bytes | None) -> list:
+    """sentencepiece's normalization before the ▁ prefix: the charsmap (e.g. nmt_nfkc), then
+    dropping leading, trailing and repeated spaces when the model says so."""
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.Precompiled(charsmap)] if charsmap else []
+    if proto.normalizer_spec.remove_extra_whitespaces:
+        steps += [
+            normalizers.Strip(left=True, right=True),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    return steps
+
+
 def _is_t5(path: Path, cfg: _Config) -> bool:
-    return cfg.flavour.startswith(("T5", "MT5")) or (path.name == "spiece.model" and not cfg.flavour)
+    return cfg.flavour.startswith(("T5", "MT5")) or (
+        path.name == "spiece.model" and not cfg.flavour
+    )
 
 
 def _add_t5_sentinels(backend: Backend, cfg: _Config) -> None:
@@ -344,7 +360,9 @@ def _apply_bos_eos(backend, path, cfg, bos, eos) -> None:
     default_bos = path.suffix == ".model" and cfg.flavour.startswith("Llama")
     if not (explicit or backend.post_processor is None or path.name != "tokenizer.json"):
         return
-    add_bos = bool(cfg.get("add_bos_token", default_bos)) and backend.token_to_id(bos or "") is not None
+    add_bos = (
+        bool(cfg.get("add_bos_token", default_bos)) and backend.token_to_id(bos or "") is not None
+    )
     add_eos = bool(cfg.get("add_eos_token", False)) and backend.token_to_id(eos or "") is not None
     set_special_template(
         backend,
@@ -371,7 +389,10 @@ def read_folder(folder: str | Path) -> Built:
     path, build = _find_source(folder)
     backend, kind = build(path, cfg)
     defaults = _default_specials(path, cfg, kind)
-    names = {n: cfg.token(n, defaults.get(n)) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    names = {
+        n: cfg.token(n, defaults.get(n))
+        for n in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
     _add_named_specials(backend, names.values())
     ids = {n: (backend.token_to_id(t) if t is not None else None) for n, t in names.items()}
     _apply_bos_eos(backend, path, cfg, names["bos_token"], names["eos_token"])

@@ -138,7 +138,7 @@ def test_gguf_rejects_unknown_model_and_pre(smollm_meta):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2"})
 
 
-# ------------------------------------------------------------------------------------ byte-level BPE
+# ---------------------------------------------------------------------------------- byte-level BPE
 
 
 def write_tiktoken_as_hf(ranks_text: bytes, folder: Path, specials: list[str]) -> None:
@@ -326,27 +326,25 @@ def test_sentencepiece_t5_matches_transformers(t5_dir):
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 2, None)
 
 
-def test_sentencepiece_bpe_matches_sentencepiece(tmp_path):
-    """A SentencePiece BPE model (GLM / Llama style) gives sentencepiece's own ids."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"normalization_rule_name": "identity", "remove_extra_whitespaces": False},  # Llama style
+        {},  # sentencepiece defaults: nmt_nfkc, extra whitespace removed
+    ],
+    ids=["identity", "nmt_nfkc"],
+)
+def test_sentencepiece_bpe_matches_sentencepiece(tmp_path, options):
+    """A SentencePiece BPE .model (GLM / Llama style) gives sentencepiece's own ids and text."""
     import sentencepiece as spm
 
     folder = tmp_path / "spbpe"
-    model = train_spm(
-        folder,
-        "bpe",
-        vocab_size=400,  # 256 byte pieces + room for merges
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-    )
+    model = train_spm(folder, "bpe", vocab_size=400, byte_fallback=True, **options)
     (folder / "tokenizer.model").write_bytes(model)
     tok = Tokenizer.from_pretrained(folder)
     sp = spm.SentencePieceProcessor(model_proto=model)
-    assert tok.kind == "sentencepiece"
-    for text in CORPUS:
-        if not text.strip():
-            continue  # sentencepiece returns [] for blank text; the ▁ prefix differs by design
+    assert tok.kind == "sentencepiece" and tok.vocab_size == sp.get_piece_size()
+    for text in CORPUS + ["  x", "ｆｕｌｌｗｉｄｔｈ ①"]:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == sp.encode(text), f"encode({text!r})"
         assert tok.decode(ids) == sp.decode(ids), f"decode(encode({text!r}))"
@@ -357,14 +355,25 @@ def test_sentencepiece_bpe_matches_sentencepiece(tmp_path):
 
 def test_save_load_round_trip(tmp_path, smollm, t5_dir):
     bert = Tokenizer.from_pretrained(write_bert(tmp_path / "bert", True))
-    for name, tok in {"smollm": smollm, "t5": Tokenizer.from_pretrained(t5_dir), "bert": bert}.items():
+    for name, tok in {
+        "smollm": smollm,
+        "t5": Tokenizer.from_pretrained(t5_dir),
+        "bert": bert,
+    }.items():
         written = tok.save(tmp_path / name / "out")
         assert written == ["tokenizer.json", "flagc_tokenizer.json"]
         back = Tokenizer.load(tmp_path / name / "out")
         assert back.encode_batch(CORPUS) == tok.encode_batch(CORPUS)
         assert back.encode_pair("hello", "world") == tok.encode_pair("hello", "world")
-        for attr in ("kind", "bos_token_id", "eos_token_ids", "pad_token_id", "unk_token_id",
-                     "vocab_size", "chat_template"):
+        for attr in (
+            "kind",
+            "bos_token_id",
+            "eos_token_ids",
+            "pad_token_id",
+            "unk_token_id",
+            "vocab_size",
+            "chat_template",
+        ):
             assert getattr(back, attr) == getattr(tok, attr), f"{name}.{attr}"
     back = Tokenizer.load(tmp_path / "smollm" / "out")
     assert back.apply_chat_template(CHAT) == smollm.apply_chat_template(CHAT)
