@@ -28,10 +28,21 @@ from flagc.models import (
     normalize_task,
 )
 
-GPT2 = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64)
-BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64)
+GPT2 = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+BERT = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 def _hf_style_gpt2(folder, **overrides):
@@ -43,18 +54,35 @@ def _hf_style_gpt2(folder, **overrides):
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
             continue  # tied, as HF saves it
-        hf = (name.replace("model.layers.", "transformer.h.").replace("model.wte", "transformer.wte")
-              .replace("model.wpe", "transformer.wpe").replace("model.norm", "transformer.ln_f")
-              .replace("attn_norm", "ln_1").replace("mlp_norm", "ln_2")
-              .replace("attn.qkv_proj", "attn.c_attn").replace("attn.o_proj", "attn.c_proj")
-              .replace("mlp.fc_in", "mlp.c_fc").replace("mlp.fc_out", "mlp.c_proj"))
+        hf = (
+            name.replace("model.layers.", "transformer.h.")
+            .replace("model.wte", "transformer.wte")
+            .replace("model.wpe", "transformer.wpe")
+            .replace("model.norm", "transformer.ln_f")
+            .replace("attn_norm", "ln_1")
+            .replace("mlp_norm", "ln_2")
+            .replace("attn.qkv_proj", "attn.c_attn")
+            .replace("attn.o_proj", "attn.c_proj")
+            .replace("mlp.fc_in", "mlp.c_fc")
+            .replace("mlp.fc_out", "mlp.c_proj")
+        )
         if hf.endswith(".weight") and t.dim() == 2 and ".h." in hf:
             t = t.t()  # Conv1D layout
         tensors[hf] = t.contiguous()
     tensors.update(overrides)
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32,
-        "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": 100}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "n_embd": 32,
+                "n_layer": 2,
+                "n_head": 4,
+                "n_positions": 64,
+                "vocab_size": 100,
+            }
+        )
+    )
     return model, tensors
 
 
@@ -80,8 +108,10 @@ def test_every_problem_reported_in_one_error(tmp_path):
     msg = str(err.value)
     assert "model.layers.1.mlp.fc_in.bias [128]" in msg and "1 missing" in msg
     assert "transformer.h.0.attn.rotary.weight [2]" in msg and "1 unexpected" in msg
-    assert "transformer.h.0.attn.c_proj.bias -> model.layers.0.attn.o_proj.bias: " \
-           "expected [32], got [31]" in msg
+    assert (
+        "transformer.h.0.attn.c_proj.bias -> model.layers.0.attn.o_proj.bias: "
+        "expected [32], got [31]" in msg
+    )
     # Nothing was half-loaded.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -121,9 +151,17 @@ def test_pytorch_bin_and_sharded_index(tmp_path):
 
 def test_save_round_trip_keeps_own_names(tmp_path):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         intermediate_size=64, tie_word_embeddings=True)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     model.save(tmp_path / "m")
     saved = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert "lm_head.weight" not in saved and "model.embed.weight" in saved
@@ -137,10 +175,19 @@ def test_save_round_trip_keeps_own_names(tmp_path):
 
 def test_init_from_json_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "bert", **BERT, "architectures": ["BertModel"],
-                                "id2label": {"0": "a", "1": "b", "2": "c", "3": "d"}}))
-    model = BertForSequenceClassification.init_from_json(path, num_hidden_layers=1,
-                                                         checkpoint_activations=True)
+    path.write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                **BERT,
+                "architectures": ["BertModel"],
+                "id2label": {"0": "a", "1": "b", "2": "c", "3": "d"},
+            }
+        )
+    )
+    model = BertForSequenceClassification.init_from_json(
+        path, num_hidden_layers=1, checkpoint_activations=True
+    )
     assert model.config.num_labels == 4 and len(model.model.layers) == 1
     assert model.head.classifier.weight.shape == (4, 32)
     with pytest.raises(ConfigError, match=r"\['bogus_key'\]"):
@@ -180,8 +227,15 @@ def test_registry_and_autoloader(tmp_path):
     glm = hub_model("GLM-10b-ch")
     assert glm.family == "glm" and glm.config["num_layers"] == 48
     assert glm.config["hidden_size"] == 4096 and glm.config["vocab_size"] == 50048
-    assert {"GLM-large-ch", "GLM-large-en", "RoBERTa-base-ch", "BERT-base-en", "GPT2-base-ch",
-            "T5-base-ch", "T5-base-en"} <= set(hub_model_names())
+    assert {
+        "GLM-large-ch",
+        "GLM-large-en",
+        "RoBERTa-base-ch",
+        "BERT-base-en",
+        "GPT2-base-ch",
+        "T5-base-ch",
+        "T5-base-en",
+    } <= set(hub_model_names())
     with pytest.raises(ConfigError, match="valid tasks"):
         AutoLoader("dance", "BERT-base-en", model_dir=tmp_path)
     with pytest.raises(ConfigError, match="hub models are"):
@@ -194,7 +248,8 @@ def test_registry_and_autoloader(tmp_path):
     torch.manual_seed(0)
     BertModel(BertConfig(**BERT)).save(tmp_path / "my-bert")
     (tmp_path / "my-bert" / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n"
+    )
     loader = AutoLoader("semantic-matching", "my-bert", model_dir=tmp_path, num_labels=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -205,8 +260,14 @@ def test_registry_and_autoloader(tmp_path):
 
 
 def test_meta_build_and_torch_export_dynamic_dims():
-    config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
     model = LlamaForCausalLM(config).eval()
 
     class Step(torch.nn.Module):
@@ -215,8 +276,9 @@ def test_meta_build_and_torch_export_dynamic_dims():
             self.inner = inner
 
         def forward(self, input_ids, attention_mask, past):
-            out = self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=past)
+            out = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past
+            )
             return out["logits"], out["past_key_values"]
 
     batch = torch.export.Dim("batch", min=1, max=16)
@@ -225,8 +287,11 @@ def test_meta_build_and_torch_export_dynamic_dims():
     past = tuple((torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)) for _ in range(2))
     ids = torch.randint(0, 100, (2, 4))
     mask = torch.ones(2, 7, dtype=torch.long)
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
-              "past": tuple(({0: batch, 2: past_dim}, {0: batch, 2: past_dim}) for _ in range(2))}
+    shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+        "past": tuple(({0: batch, 2: past_dim}, {0: batch, 2: past_dim}) for _ in range(2)),
+    }
     exported = torch.export.export(Step(model), (ids, mask, past), dynamic_shapes=shapes)
     ids2 = torch.randint(0, 100, (3, 5))
     past2 = tuple((torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)) for _ in range(2))

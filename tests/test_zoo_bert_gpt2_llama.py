@@ -22,20 +22,63 @@ from flagc.models import (  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 100
-ENC = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-           intermediate_size=64, max_position_embeddings=64)
+ENC = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 DECODERS = {
-    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        bos_token_id=0, eos_token_id=0)), GPT2LMHeadModel),
-    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-        rope_theta=500.0, bos_token_id=0, eos_token_id=0)), LlamaForCausalLM),
-    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)), Qwen2ForCausalLM),
+    "gpt2": (
+        lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        GPT2LMHeadModel,
+    ),
+    "llama": (
+        lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                rope_theta=500.0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        LlamaForCausalLM,
+    ),
+    "qwen2": (
+        lambda: transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        Qwen2ForCausalLM,
+    ),
 }
 
 
@@ -59,13 +102,28 @@ def root(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 ENCODERS = [
     ("BertModel", transformers.BertModel, transformers.BertConfig, BertModel, {}),
-    ("BertSeqCls", transformers.BertForSequenceClassification, transformers.BertConfig,
-     BertForSequenceClassification, {"num_labels": 3}),
-    ("BertTokCls", transformers.BertForTokenClassification, transformers.BertConfig,
-     BertForTokenClassification, {"num_labels": 5}),
+    (
+        "BertSeqCls",
+        transformers.BertForSequenceClassification,
+        transformers.BertConfig,
+        BertForSequenceClassification,
+        {"num_labels": 3},
+    ),
+    (
+        "BertTokCls",
+        transformers.BertForTokenClassification,
+        transformers.BertConfig,
+        BertForTokenClassification,
+        {"num_labels": 5},
+    ),
     ("RobertaModel", transformers.RobertaModel, transformers.RobertaConfig, RobertaModel, {}),
-    ("RobertaSeqCls", transformers.RobertaForSequenceClassification, transformers.RobertaConfig,
-     BertForSequenceClassification, {"num_labels": 3}),
+    (
+        "RobertaSeqCls",
+        transformers.RobertaForSequenceClassification,
+        transformers.RobertaConfig,
+        BertForSequenceClassification,
+        {"num_labels": 3},
+    ),
 ]
 
 
@@ -102,10 +160,13 @@ def test_encoder_parity_padded_pairs(root, name, hf_cls, hf_cfg, ours, extra):
     assert _max_diff(other, out["logits"]) > 1e-2
 
 
-@pytest.mark.parametrize("hf_cls,ours,shape", [
-    (transformers.BertForSequenceClassification, BertForSequenceClassification, (4,)),
-    (transformers.BertForTokenClassification, BertForTokenClassification, (4, 10)),
-])
+@pytest.mark.parametrize(
+    "hf_cls,ours,shape",
+    [
+        (transformers.BertForSequenceClassification, BertForSequenceClassification, (4,)),
+        (transformers.BertForTokenClassification, BertForTokenClassification, (4, 10)),
+    ],
+)
 def test_classification_loss_matches_transformers(root, hf_cls, ours, shape):
     torch.manual_seed(1)
     name = f"loss_{hf_cls.__name__}"
@@ -137,8 +198,11 @@ def test_bert_seq2seq_unilm_mask_and_cached_decoding(root):
         # Source positions are independent of the target.
         assert _max_diff(full["logits"][:, :6], other_tgt["logits"][:, :6]) < 1e-6
         prefix = model(input_ids=ids[:, :8], token_type_ids=types[:, :8])
-        step = model(input_ids=ids[:, 8:], token_type_ids=types[:, 8:],
-                     past_key_values=prefix["past_key_values"])
+        step = model(
+            input_ids=ids[:, 8:],
+            token_type_ids=types[:, 8:],
+            past_key_values=prefix["past_key_values"],
+        )
         assert _max_diff(step["logits"], full["logits"][:, 8:]) < TOL
         loss = model(input_ids=ids, token_type_ids=types, labels=ids)["loss"]
     expect = torch.nn.functional.cross_entropy(full["logits"][0, 5:10], ids[0, 6:11])
@@ -186,8 +250,9 @@ def test_decoder_past_kv_prefill_then_step(decoder_pair):
     mask[0, :2] = 0
     with torch.no_grad():
         prefill = model(input_ids=ids[:, :8], attention_mask=mask[:, :8])
-        step = model(input_ids=ids[:, 8:], attention_mask=mask,
-                     past_key_values=prefill["past_key_values"])
+        step = model(
+            input_ids=ids[:, 8:], attention_mask=mask, past_key_values=prefill["past_key_values"]
+        )
         whole = model(input_ids=ids, attention_mask=mask)["logits"]
         ref = hf(input_ids=ids[1:]).logits
     k, v = step["past_key_values"][0]
@@ -212,7 +277,8 @@ def test_greedy_generation_matches_generate(decoder_pair):
     hf, model = decoder_pair
     ids = torch.randint(1, VOCAB, (1, 7))
     with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                          pad_token_id=0)
+        ref = hf.generate(
+            ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+        )
         got = _greedy(model, ids, 16)
     assert torch.equal(got, ref[:, 7:])

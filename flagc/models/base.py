@@ -55,7 +55,7 @@ M = TypeVar("M", bound="BaseModel")
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Transform:
-    """A checkpoint -> module tensor transform, with its effect on the shape (checked before load)."""
+    """A checkpoint -> module tensor transform, and its effect on the shape (checked first)."""
 
     name: str
     apply: Callable[[torch.Tensor], torch.Tensor]
@@ -165,7 +165,11 @@ class CheckpointReader:
             except Exception as exc:
                 raise CheckpointError(f"cannot read PyTorch checkpoint {file}: {exc}") from exc
             # FlagAI's own checkpoints wrap the state dict as {"module": {...}}.
-            if isinstance(state, dict) and set(state) == {"module"} and isinstance(state["module"], dict):
+            if (
+                isinstance(state, dict)
+                and set(state) == {"module"}
+                and isinstance(state["module"], dict)
+            ):
                 state = state["module"]
             if not isinstance(state, dict):
                 raise CheckpointError(f"{file} does not hold a state dict ({type(state).__name__})")
@@ -258,7 +262,8 @@ class BaseModel(nn.Module):
         """Split user kwargs into (config overrides, constructor extras such as pool_token)."""
         params = inspect.signature(cls.__init__).parameters
         init_names = {
-            n for n, p in params.items()
+            n
+            for n, p in params.items()
             if n not in ("self", "config") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         }
         init_kw = {k: v for k, v in kwargs.items() if k in init_names}
@@ -359,8 +364,10 @@ class BaseModel(nn.Module):
         if allow_missing_heads:
             heads = [n for n in missing if n.startswith(self.head_prefixes)]
             if heads:
-                warnings.warn(f"{reader.path}: task-head tensors left randomly initialised: {heads}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{reader.path}: task-head tensors left randomly initialised: {heads}",
+                    stacklevel=2,
+                )
             missing = [n for n in missing if n not in heads]
         problems = []
         for title, items in (
@@ -447,4 +454,3 @@ def _write_tensor(model: nn.Module, name: str, value: torch.Tensor, current: tor
         setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         owner.register_buffer(attr, value)
-

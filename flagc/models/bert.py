@@ -68,7 +68,9 @@ class BertEmbeddings(nn.Module):
         RoBERTa numbers real tokens from pad_id + 1 and gives pads pad_id, as HF does."""
         batch, seq = input_ids.shape
         if self.position_offset == 0:
-            return torch.arange(past_len, past_len + seq, device=input_ids.device)[None].expand(batch, seq)
+            return torch.arange(past_len, past_len + seq, device=input_ids.device)[None].expand(
+                batch, seq
+            )
         real = input_ids.ne(self.pad_token_id).long()
         return (real.cumsum(-1) + past_len) * real + self.pad_token_id
 
@@ -102,7 +104,9 @@ class BertBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None, past: KV | None
+    ) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(x, bias, past)
         x = self.attn_norm(x + self.dropout(a))
         x = self.mlp_norm(x + self.dropout(self.mlp(x)))
@@ -144,15 +148,27 @@ _L = _P + r"encoder\.layer\.(\d+)\."
 BERT_BACKBONE_RULES = WeightMap(
     [
         WeightRule(_P + r"embeddings\.word_embeddings\.(weight)", r"model.embeddings.word.\1"),
-        WeightRule(_P + r"embeddings\.position_embeddings\.(weight)", r"model.embeddings.position.\1"),
-        WeightRule(_P + r"embeddings\.token_type_embeddings\.(weight)", r"model.embeddings.token_type.\1"),
+        WeightRule(
+            _P + r"embeddings\.position_embeddings\.(weight)", r"model.embeddings.position.\1"
+        ),
+        WeightRule(
+            _P + r"embeddings\.token_type_embeddings\.(weight)", r"model.embeddings.token_type.\1"
+        ),
         WeightRule(_P + r"embeddings\.LayerNorm\.(weight|bias)", r"model.embeddings.norm.\1"),
         WeightRule(_P + r"embeddings\.position_ids", None),  # a buffer in older checkpoints
-        WeightRule(_L + r"attention\.self\.query\.(weight|bias)", r"model.layers.\1.attn.q_proj.\2"),
+        WeightRule(
+            _L + r"attention\.self\.query\.(weight|bias)", r"model.layers.\1.attn.q_proj.\2"
+        ),
         WeightRule(_L + r"attention\.self\.key\.(weight|bias)", r"model.layers.\1.attn.k_proj.\2"),
-        WeightRule(_L + r"attention\.self\.value\.(weight|bias)", r"model.layers.\1.attn.v_proj.\2"),
-        WeightRule(_L + r"attention\.output\.dense\.(weight|bias)", r"model.layers.\1.attn.o_proj.\2"),
-        WeightRule(_L + r"attention\.output\.LayerNorm\.(weight|bias)", r"model.layers.\1.attn_norm.\2"),
+        WeightRule(
+            _L + r"attention\.self\.value\.(weight|bias)", r"model.layers.\1.attn.v_proj.\2"
+        ),
+        WeightRule(
+            _L + r"attention\.output\.dense\.(weight|bias)", r"model.layers.\1.attn.o_proj.\2"
+        ),
+        WeightRule(
+            _L + r"attention\.output\.LayerNorm\.(weight|bias)", r"model.layers.\1.attn_norm.\2"
+        ),
         WeightRule(_L + r"intermediate\.dense\.(weight|bias)", r"model.layers.\1.mlp.fc_in.\2"),
         WeightRule(_L + r"output\.dense\.(weight|bias)", r"model.layers.\1.mlp.fc_out.\2"),
         WeightRule(_L + r"output\.LayerNorm\.(weight|bias)", r"model.layers.\1.mlp_norm.\2"),
@@ -220,11 +236,21 @@ class BertModel(_BertTask):
         super().__init__(config, **kwargs)
         self.pooler = Pooler(config.hidden_size)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                **kwargs: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        return {"logits": hidden, "hidden_states": hidden, "last_hidden_state": hidden,
-                "pooler_output": self.pooler(hidden)}
+        return {
+            "logits": hidden,
+            "hidden_states": hidden,
+            "last_hidden_state": hidden,
+            "pooler_output": self.pooler(hidden),
+        }
 
 
 class BertForSequenceClassification(_BertTask):
@@ -247,8 +273,15 @@ class BertForSequenceClassification(_BertTask):
         head_cls = SEQUENCE_CLASSIFIER_HEADS[config.sequence_head]
         self.head = head_cls(config.hidden_size, config.num_labels, self._dropout)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.head(hidden)
         out = {"logits": logits, "hidden_states": hidden}
@@ -271,8 +304,15 @@ class BertForTokenClassification(_BertTask):
         super().__init__(config, **kwargs)
         self.head = TokenClassifierHead(config.hidden_size, config.num_labels, self._dropout)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.head(hidden)
         out = {"logits": logits, "hidden_states": hidden}
@@ -288,8 +328,14 @@ class BertForEmbedding(_BertTask):
         super().__init__(config, **kwargs)
         self.normalize = normalize
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                **kwargs: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
         pooled = mean_pool(hidden, attention_mask)
         if self.normalize:
@@ -319,9 +365,16 @@ class BertForSeq2seq(_BertTask):
     def tie_weights(self) -> None:
         self.lm_head.decoder.weight = self.model.embeddings.word.weight
 
-    def forward(self, input_ids=None, token_type_ids=None, attention_mask=None,
-                past_key_values=None, position_ids=None, labels=None,
-                **kwargs: Any) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids=None,
+        token_type_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         batch, q_len = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if token_type_ids is None:
@@ -329,15 +382,23 @@ class BertForSeq2seq(_BertTask):
         q_src = token_type_ids.eq(0)
         # Past keys count as source for source queries: a source query only occurs while the
         # source is still being prefilled, when everything in the past is source too.
-        k_src = torch.cat((torch.ones(batch, past_len, dtype=torch.bool, device=input_ids.device), q_src), 1)
+        k_src = torch.cat(
+            (torch.ones(batch, past_len, dtype=torch.bool, device=input_ids.device), q_src), 1
+        )
         allowed = causal_allowed(q_len, past_len + q_len, input_ids.device) | (
             q_src[:, None, :, None] & k_src[:, None, None, :]
         )
         if attention_mask is not None:
             allowed = allowed & padding_allowed(attention_mask)
-        hidden, presents = self.model(input_ids, allowed, token_type_ids, position_ids, past_key_values)
+        hidden, presents = self.model(
+            input_ids, allowed, token_type_ids, position_ids, past_key_values
+        )
         logits = self.lm_head(hidden)
-        out: dict[str, Any] = {"logits": logits, "hidden_states": hidden, "past_key_values": presents}
+        out: dict[str, Any] = {
+            "logits": logits,
+            "hidden_states": hidden,
+            "past_key_values": presents,
+        }
         if labels is not None:
             # Predict token t+1 from t, counting only target tokens (FlagAI's target_mask).
             target = labels[:, 1:].masked_fill(token_type_ids[:, 1:].eq(0), -100)

@@ -308,8 +308,11 @@ class LlamaConfig(ModelConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters:
             rope_type = self.rope_parameters.get("rope_type", "default")
-            self._check(rope_type == "default", "rope_parameters", "rope_type 'default' (scaled "
-                        "rope variants are not supported yet)")
+            self._check(
+                rope_type == "default",
+                "rope_parameters",
+                "rope_type 'default' (scaled rope variants are not supported yet)",
+            )
             self.rope_theta = float(self.rope_parameters.get("rope_theta", self.rope_theta))
         self._positive(
             "vocab_size",

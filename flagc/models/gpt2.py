@@ -29,7 +29,9 @@ class GPT2Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, past: KV | None
+    ) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(self.attn_norm(x), bias, past)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), present
@@ -74,7 +76,9 @@ GPT2_RULES = WeightMap(
         WeightRule(_G + r"ln_f\.(weight|bias)", r"model.norm.\1"),
         WeightRule(_H + r"ln_1\.(weight|bias)", r"model.layers.\1.attn_norm.\2"),
         WeightRule(_H + r"ln_2\.(weight|bias)", r"model.layers.\1.mlp_norm.\2"),
-        WeightRule(_H + r"attn\.c_attn\.weight", r"model.layers.\1.attn.qkv_proj.weight", TRANSPOSE),
+        WeightRule(
+            _H + r"attn\.c_attn\.weight", r"model.layers.\1.attn.qkv_proj.weight", TRANSPOSE
+        ),
         WeightRule(_H + r"attn\.c_attn\.bias", r"model.layers.\1.attn.qkv_proj.bias"),
         WeightRule(_H + r"attn\.c_proj\.weight", r"model.layers.\1.attn.o_proj.weight", TRANSPOSE),
         WeightRule(_H + r"attn\.c_proj\.bias", r"model.layers.\1.attn.o_proj.bias"),
@@ -98,8 +102,14 @@ class GPT2Model(BaseModel):
         super().__init__(config, **kwargs)
         self.model = GPT2Backbone(config)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, **kwargs: Any) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
         return {"logits": hidden, "hidden_states": hidden, "past_key_values": presents}
 
@@ -120,12 +130,23 @@ class GPT2LMHeadModel(BaseModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.wte.weight
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, labels=None, **kwargs: Any) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """Returns logits [batch, seq, vocab], hidden_states, past_key_values (+ loss)."""
         hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
         logits = self.lm_head(hidden)
-        out: dict[str, Any] = {"logits": logits, "hidden_states": hidden, "past_key_values": presents}
+        out: dict[str, Any] = {
+            "logits": logits,
+            "hidden_states": hidden,
+            "past_key_values": presents,
+        }
         if labels is not None:
             out["loss"] = shifted_lm_loss(logits, labels)
         return out

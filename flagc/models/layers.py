@@ -47,7 +47,9 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     # GPT-2's "gelu_new": the tanh approximation, bit-compatible with HF's NewGELUActivation.
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    return (
+        0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    )
 
 
 ACTIVATIONS = {
@@ -66,7 +68,9 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ConfigError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+        raise ConfigError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +208,11 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k, v = (_repeat_kv(t, rep) for t in (k, v))
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            dropout_p=self.dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(self.head_dim),
         )
         batch, seq = hidden.shape[0], hidden.shape[1]
@@ -223,7 +231,9 @@ def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
 class MLP(nn.Module):
     """fc_out(act(fc_in(x))): BERT's intermediate/output and GPT-2's c_fc/c_proj."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True
+    ) -> None:
         super().__init__()
         self.fc_in = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.fc_out = nn.Linear(intermediate_size, hidden_size, bias=bias)
@@ -236,7 +246,9 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)): LLaMA / Qwen2's SwiGLU."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)

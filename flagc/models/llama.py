@@ -40,11 +40,17 @@ class LlamaBlock(nn.Module):
             o_bias=config.attention_bias,
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            bias=config.mlp_bias)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias
+        )
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, past: KV | None,
-                rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        past: KV | None,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(self.attn_norm(x), bias, past, rotary)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), present
@@ -88,9 +94,13 @@ LLAMA_RULES = WeightMap(
     [
         WeightRule(_M + r"embed_tokens\.weight", r"model.embed.weight"),
         WeightRule(_M + r"norm\.weight", r"model.norm.weight"),
-        WeightRule(_L + r"self_attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.attn.\2_proj.\3"),
+        WeightRule(
+            _L + r"self_attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.attn.\2_proj.\3"
+        ),
         WeightRule(_L + r"self_attn\.rotary_emb\.inv_freq", None),
-        WeightRule(_L + r"mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+        WeightRule(
+            _L + r"mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"
+        ),
         WeightRule(_L + r"input_layernorm\.weight", r"model.layers.\1.attn_norm.weight"),
         WeightRule(_L + r"post_attention_layernorm\.weight", r"model.layers.\1.mlp_norm.weight"),
     ]
@@ -113,12 +123,23 @@ class LlamaForCausalLM(BaseModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed.weight
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, labels=None, **kwargs: Any) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """Returns logits [batch, seq, vocab], hidden_states, past_key_values (+ loss)."""
         hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
         logits = self.lm_head(hidden)
-        out: dict[str, Any] = {"logits": logits, "hidden_states": hidden, "past_key_values": presents}
+        out: dict[str, Any] = {
+            "logits": logits,
+            "hidden_states": hidden,
+            "past_key_values": presents,
+        }
         if labels is not None:
             out["loss"] = shifted_lm_loss(logits, labels)
         return out

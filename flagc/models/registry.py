@@ -162,45 +162,152 @@ def _builtin_families() -> tuple[Family, ...]:
 
 # Hub models FlagAI serves, with the sizes of their config.json (FlagAI's model cards).
 _HUB_MODELS = (
-    HubModel("GLM-large-ch", "glm", {
-        "model_type": "glm", "num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
-        "vocab_size": 50048, "max_sequence_length": 1024, "max_memory_length": 0,
-        "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1, "output_dropout_prob": 0.1,
-        "block_position_encoding": True, "relative_encoding": False}, "chinese"),
-    HubModel("GLM-large-en", "glm", {
-        "model_type": "glm", "num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
-        "vocab_size": 30592, "max_sequence_length": 512, "max_memory_length": 0,
-        "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1, "output_dropout_prob": 0.1,
-        "block_position_encoding": True, "relative_encoding": False}, "english"),
-    HubModel("GLM-10b-ch", "glm", {
-        "model_type": "glm", "num_layers": 48, "hidden_size": 4096, "num_attention_heads": 64,
-        "vocab_size": 50048, "max_sequence_length": 1024, "max_memory_length": 0,
-        "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1, "output_dropout_prob": 0.1,
-        "block_position_encoding": True, "relative_encoding": False}, "chinese"),
-    HubModel("RoBERTa-base-ch", "bert", {
-        # hfl/chinese-roberta-wwm-ext: a BERT architecture (positions from 0), Chinese vocab.
-        "model_type": "bert", "vocab_size": 21128, "hidden_size": 768, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
-        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}, "chinese"),
-    HubModel("BERT-base-en", "bert", {
-        "model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
-        "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}, "english"),
-    HubModel("GPT2-base-ch", "gpt2", {
-        "model_type": "gpt2", "vocab_size": 21128, "n_embd": 768, "n_layer": 12, "n_head": 12,
-        "n_positions": 1024, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5},
-        "chinese"),
-    HubModel("T5-base-ch", "t5", {
-        # t5-pegasus style mT5 base with a 50k Chinese vocab, gated-GELU feed-forward.
-        "model_type": "t5", "vocab_size": 50000, "d_model": 768, "d_kv": 64, "d_ff": 2048,
-        "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
-        "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu",
-        "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False}, "chinese"),
-    HubModel("T5-base-en", "t5", {
-        "model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072,
-        "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
-        "relative_attention_num_buckets": 32, "feed_forward_proj": "relu",
-        "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True}, "english"),
+    HubModel(
+        "GLM-large-ch",
+        "glm",
+        {
+            "model_type": "glm",
+            "num_layers": 24,
+            "hidden_size": 1024,
+            "num_attention_heads": 16,
+            "vocab_size": 50048,
+            "max_sequence_length": 1024,
+            "max_memory_length": 0,
+            "embedding_dropout_prob": 0.1,
+            "attention_dropout_prob": 0.1,
+            "output_dropout_prob": 0.1,
+            "block_position_encoding": True,
+            "relative_encoding": False,
+        },
+        "chinese",
+    ),
+    HubModel(
+        "GLM-large-en",
+        "glm",
+        {
+            "model_type": "glm",
+            "num_layers": 24,
+            "hidden_size": 1024,
+            "num_attention_heads": 16,
+            "vocab_size": 30592,
+            "max_sequence_length": 512,
+            "max_memory_length": 0,
+            "embedding_dropout_prob": 0.1,
+            "attention_dropout_prob": 0.1,
+            "output_dropout_prob": 0.1,
+            "block_position_encoding": True,
+            "relative_encoding": False,
+        },
+        "english",
+    ),
+    HubModel(
+        "GLM-10b-ch",
+        "glm",
+        {
+            "model_type": "glm",
+            "num_layers": 48,
+            "hidden_size": 4096,
+            "num_attention_heads": 64,
+            "vocab_size": 50048,
+            "max_sequence_length": 1024,
+            "max_memory_length": 0,
+            "embedding_dropout_prob": 0.1,
+            "attention_dropout_prob": 0.1,
+            "output_dropout_prob": 0.1,
+            "block_position_encoding": True,
+            "relative_encoding": False,
+        },
+        "chinese",
+    ),
+    HubModel(
+        "RoBERTa-base-ch",
+        "bert",
+        {
+            # hfl/chinese-roberta-wwm-ext: a BERT architecture (positions from 0), Chinese vocab.
+            "model_type": "bert",
+            "vocab_size": 21128,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12,
+        },
+        "chinese",
+    ),
+    HubModel(
+        "BERT-base-en",
+        "bert",
+        {
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12,
+        },
+        "english",
+    ),
+    HubModel(
+        "GPT2-base-ch",
+        "gpt2",
+        {
+            "model_type": "gpt2",
+            "vocab_size": 21128,
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "n_positions": 1024,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+        },
+        "chinese",
+    ),
+    HubModel(
+        "T5-base-ch",
+        "t5",
+        {
+            # t5-pegasus style mT5 base with a 50k Chinese vocab, gated-GELU feed-forward.
+            "model_type": "t5",
+            "vocab_size": 50000,
+            "d_model": 768,
+            "d_kv": 64,
+            "d_ff": 2048,
+            "num_layers": 12,
+            "num_decoder_layers": 12,
+            "num_heads": 12,
+            "relative_attention_num_buckets": 32,
+            "feed_forward_proj": "gated-gelu",
+            "layer_norm_epsilon": 1e-6,
+            "tie_word_embeddings": False,
+        },
+        "chinese",
+    ),
+    HubModel(
+        "T5-base-en",
+        "t5",
+        {
+            "model_type": "t5",
+            "vocab_size": 32128,
+            "d_model": 768,
+            "d_kv": 64,
+            "d_ff": 3072,
+            "num_layers": 12,
+            "num_decoder_layers": 12,
+            "num_heads": 12,
+            "relative_attention_num_buckets": 32,
+            "feed_forward_proj": "relu",
+            "layer_norm_epsilon": 1e-6,
+            "tie_word_embeddings": True,
+        },
+        "english",
+    ),
 )
 
 
@@ -274,7 +381,7 @@ def family_for_model_type(model_type: str) -> Family:
 
 
 def normalize_task(task: str) -> str:
-    """Canonical task for a user spelling ("title-generation" -> "seq2seq"); ConfigError if unknown."""
+    """Canonical task for a user spelling ("title-generation" -> "seq2seq"); ConfigError if not."""
     key = task.strip().lower().replace("-", "_")
     if key not in TASK_ALIASES:
         raise ConfigError(f"unknown task {task!r}; valid tasks: {task_names()}")
