@@ -63,8 +63,9 @@ def tiny_bert(cache: Path) -> Path:
         from transformers import BertConfig, BertModel, BertTokenizerFast
 
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _words()
+        # transformers 5 takes the vocabulary itself (`vocab=`), no longer a vocab_file.
+        BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
         (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
         torch.manual_seed(0)
         cfg = BertConfig(vocab_size=len(vocab), type_vocab_size=2, **TINY)
         BertModel(cfg).eval().save_pretrained(d)
@@ -73,7 +74,7 @@ def tiny_bert(cache: Path) -> Path:
 
 
 def tiny_llama(cache: Path) -> Path:
-    """A 2-layer, 32-wide random LlamaForCausalLM (GQA 4/2) with a small byte-level BPE."""
+    """A 2-layer, 64-wide random LlamaForCausalLM (GQA 4/2) with a small byte-level BPE."""
 
     def write(d: Path) -> None:
         import torch
@@ -87,8 +88,11 @@ def tiny_llama(cache: Path) -> Path:
                                       eos_token="<|endoftext|>")
         tok.save_pretrained(d)
         torch.manual_seed(0)
+        # head_dim 16: onnxruntime's GroupQueryAttention (the ort-genai baseline) needs a
+        # multiple of 16.
         cfg = LlamaConfig(vocab_size=bpe.get_vocab_size(), num_key_value_heads=2,
-                          bos_token_id=0, eos_token_id=0, tie_word_embeddings=True, **TINY)
+                          bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+                          **{**TINY, "hidden_size": 64, "intermediate_size": 128})
         LlamaForCausalLM(cfg).eval().save_pretrained(d)
 
     return _publish(cache / "sources" / "tiny-llama", write)
