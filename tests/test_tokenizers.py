@@ -129,6 +129,20 @@ def test_gguf_smollm_chat_template_matches(smollm, smollm_hf):
     assert ours.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
+def test_tokenizer_json_folder_matches_transformers(tmp_path, smollm_hf):
+    """A folder as transformers saves it (tokenizer.json + tokenizer_config.json + template)."""
+    from transformers import AutoTokenizer
+
+    smollm_hf.save_pretrained(str(tmp_path))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.kind == "bpe" and tok.vocab_size == len(hf)
+    assert_parity(tok, hf, CORPUS + ["<|im_start|>user\nhi<|im_end|>"])
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (1, [2], 2)
+    ours = tok.apply_chat_template(CHAT)
+    assert ours == hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+
+
 def test_gguf_rejects_unknown_model_and_pre(smollm_meta):
     with pytest.raises(ConfigError, match="tokenizer.ggml.model"):
         Tokenizer.from_gguf({**smollm_meta, "tokenizer.ggml.model": "rwkv"})
