@@ -67,10 +67,17 @@ class BeamSearch:
     the cache); all beams then continue row `item`, and beam indices refer to those rows.
     """
 
-    def __init__(self, batch_size: int, num_beams: int, eos_token_ids: Sequence[int],
-                 length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 max_new_tokens: int = 128, pad_token_id: int = 0,
-                 min_new_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_beams: int,
+        eos_token_ids: Sequence[int],
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        max_new_tokens: int = 128,
+        pad_token_id: int = 0,
+        min_new_tokens: int = 0,
+    ) -> None:
         """Set up the search.
 
         Args:
@@ -89,7 +96,9 @@ class BeamSearch:
                 f"max_new_tokens={max_new_tokens}): each must be >= 1"
             )
         if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-            raise SamplingError(f'early_stopping={early_stopping!r}: allowed True, False or "never"')
+            raise SamplingError(
+                f'early_stopping={early_stopping!r}: allowed True, False or "never"'
+            )
         self.batch_size, self.num_beams, self.max_new_tokens = batch_size, num_beams, max_new_tokens
         self.eos_token_ids = np.array(sorted(set(int(t) for t in eos_token_ids)), dtype=np.int64)
         self.length_penalty = float(length_penalty)
@@ -140,8 +149,9 @@ class BeamSearch:
         cand_seqs[:, :, s] = cand_tokens
         hits = np.isin(cand_tokens, self.eos_token_ids) | (s + 1 >= self.max_new_tokens)
 
-        next_tokens, beam_indices = self._advance_running(cand_scores, cand_seqs, cand_beams,
-                                                          cand_tokens, hits)
+        next_tokens, beam_indices = self._advance_running(
+            cand_scores, cand_seqs, cand_beams, cand_tokens, hits
+        )
         self._update_finished(cand_scores, cand_seqs, hits)
         self.num_generated = s + 1
         self._update_improvable()
@@ -187,7 +197,7 @@ class BeamSearch:
         new_len = self.num_generated + 1
         just_finished = hits.copy()
         just_finished[:, n:] = False  # only the top num_beams candidates may finish
-        scores = cand_scores / np.float32(new_len ** self.length_penalty)
+        scores = cand_scores / np.float32(new_len**self.length_penalty)
         # Same float32 additions, in the same order, as transformers' _update_finished_beams.
         full = self.is_finished.all(axis=1) & (self.early_stopping is True)
         scores = scores + full[:, None].astype(np.float32) * _NEG
@@ -211,9 +221,10 @@ class BeamSearch:
             best_len = self.max_new_tokens
         else:
             best_len = self.num_generated
-        best_running = self.running_scores[:, :1] / np.float32(best_len ** self.length_penalty)
-        worst_done = np.where(self.is_finished, self.finished_scores.min(axis=1, keepdims=True),
-                              _NEG)
+        best_running = self.running_scores[:, :1] / np.float32(best_len**self.length_penalty)
+        worst_done = np.where(
+            self.is_finished, self.finished_scores.min(axis=1, keepdims=True), _NEG
+        )
         self.improvable &= np.any(best_running > worst_done, axis=1)
 
     def _has_unfinished(self, hits: np.ndarray) -> bool:

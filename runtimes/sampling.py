@@ -89,7 +89,7 @@ class SamplingParams:
     min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience (JSON, CLI) but stored as tuples so params stay hashable.
+        # Lists are accepted (JSON, CLI) but stored as tuples so that params stay hashable.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         _check_int("max_new_tokens", self.max_new_tokens, 1, "an integer >= 1")
@@ -112,11 +112,17 @@ class SamplingParams:
             raise _fail("early_stopping", self.early_stopping, 'True, False or "never"')
         _check_int("min_new_tokens", self.min_new_tokens, 0, "an integer >= 0")
         if self.min_new_tokens > self.max_new_tokens:
-            raise _fail("min_new_tokens", self.min_new_tokens,
-                        f"an integer <= max_new_tokens ({self.max_new_tokens})")
+            raise _fail(
+                "min_new_tokens",
+                self.min_new_tokens,
+                f"an integer <= max_new_tokens ({self.max_new_tokens})",
+            )
         if self.num_beams > 1 and self.temperature > 0:
-            raise _fail("temperature", self.temperature,
-                        f"0 when num_beams={self.num_beams} (beam sampling is not supported)")
+            raise _fail(
+                "temperature",
+                self.temperature,
+                f"0 when num_beams={self.num_beams} (beam sampling is not supported)",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -134,7 +140,8 @@ class SamplingParams:
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
             raise SamplingError(
-                f"unknown sampling parameter(s) {', '.join(unknown)}; valid names: {', '.join(valid)}"
+                f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                f"valid names: {', '.join(valid)}"
             )
         return cls(**kwargs)
 
@@ -152,7 +159,7 @@ def _topk_candidates(x: np.ndarray, top_k: int) -> tuple[np.ndarray | None, np.n
     vocab = x.shape[1]
     if top_k <= 0 or top_k >= vocab:
         return None, x
-    idx = np.argpartition(x, vocab - top_k, axis=1)[:, vocab - top_k:]
+    idx = np.argpartition(x, vocab - top_k, axis=1)[:, vocab - top_k :]
     vals = np.take_along_axis(x, idx, axis=1)
     threshold = vals.min(axis=1, keepdims=True)
     keep = x >= threshold
@@ -178,7 +185,7 @@ def _top_p_head(vals: np.ndarray, top_p: float, log_z: np.ndarray):
     for size in _TOP_P_HEADS:
         if vocab <= 2 * size:
             return None
-        idx = np.argpartition(vals, vocab - size, axis=1)[:, vocab - size:]
+        idx = np.argpartition(vals, vocab - size, axis=1)[:, vocab - size :]
         head = np.take_along_axis(vals, idx, axis=1)
         mass = np.exp(_row_logsumexp(head) - log_z)[:, 0]
         # The margin keeps float rounding from cutting a token that a full sort would keep.
@@ -207,7 +214,9 @@ def _apply_top_p(idx: np.ndarray | None, vals: np.ndarray, top_p: float, log_z: 
 
 
 def _select(x: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """Candidate tokens after top-k and top-p: (ids [b, m] or None for "all, in vocab order", logits).
+    """Candidate tokens after top-k and top-p: (ids [b, m] or None, logits).
+
+    ids None means "every token, in vocab order" (no top-k, or a top-k tie), so logits is [b, V].
 
     Logits of filtered-out candidates are -inf. `x` must already be temperature-scaled.
     """
@@ -225,12 +234,17 @@ def _select(x: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None,
 def _check_filter_args(top_k: int, top_p: float, temperature: float) -> None:
     _check_int("top_k", top_k, 0, "an integer >= 0 (0 disables top-k)")
     _check_real("top_p", top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    _check_real("temperature", temperature, lambda v: v > 0, "a finite number > 0 here "
-                "(temperature 0 is greedy decoding, which filters nothing)")
+    _check_real(
+        "temperature",
+        temperature,
+        lambda v: v > 0,
+        "a finite number > 0 here (temperature 0 is greedy decoding, which filters nothing)",
+    )
 
 
-def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0,
-                  temperature: float = 1.0) -> np.ndarray:
+def filter_logits(
+    logits: np.ndarray, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0
+) -> np.ndarray:
     """Temperature, top-k and top-p filtering with transformers' semantics (filter value -inf).
 
     Args:
@@ -278,8 +292,9 @@ class Sampler:
     being passed; their tokens are simply ignored by the caller.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int,
-                 eos_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, params: SamplingParams, vocab_size: int, eos_token_ids: Sequence[int] = ()
+    ) -> None:
         """Create a sampler.
 
         Args:
@@ -319,10 +334,11 @@ class Sampler:
             return
         for row, ids in enumerate(prompt_ids_per_row):
             ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)]
+            if bad.size:
                 raise RuntimeInputError(
-                    f"prompt row {row} holds token id {int(ids.max() if ids.max() >= vocab else ids.min())}"
-                    f" outside the vocabulary [0, {vocab})"
+                    f"prompt row {row} holds token id {int(bad[0])} outside the vocabulary "
+                    f"[0, {vocab})"
                 )
             self._seen[row, ids] = True
 
@@ -383,8 +399,10 @@ class Sampler:
             x = np.where(self._seen, np.where(x < 0, x * pen, x / pen), x)
         if self._counts is not None:
             counts = self._counts
-            x = x - (np.float32(p.presence_penalty) * (counts > 0)
-                     + np.float32(p.frequency_penalty) * counts).astype(np.float32)
+            x = x - (
+                np.float32(p.presence_penalty) * (counts > 0)
+                + np.float32(p.frequency_penalty) * counts
+            ).astype(np.float32)
         if self.num_generated < p.min_new_tokens and self._suppressed.size:
             x = np.array(x, copy=True)
             x[:, self._suppressed] = -np.inf

@@ -46,8 +46,13 @@ class StopChecker:
     tokens); `text(row)` is the final text once a row is done.
     """
 
-    def __init__(self, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 tokenizer_decode: DecodeFn | None = None, skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        stop_token_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        tokenizer_decode: DecodeFn | None = None,
+        skip_special_tokens: bool = True,
+    ):
         """Args:
         stop_token_ids: ids that end a row (EOS included); they are not part of the text.
         stop_strings: non-empty strings that end a row; the text stops right before them.
@@ -138,7 +143,7 @@ class StopChecker:
         """New text of a row that is safe to stream (never part of a stop string)."""
         state = self._rows[row]
         end = self._safe_end(state, bool(self.stopped[row]))
-        piece = state.text[state.streamed:end]
+        piece = state.text[state.streamed : end]
         state.streamed = max(state.streamed, end)
         return piece
 
@@ -160,4 +165,4 @@ class StopChecker:
     def text(self, row: int) -> str:
         """The row's text so far, cut before its stop string (final once the row is done)."""
         state = self._rows[row]
-        return state.text if state.cut is None else state.text[:state.cut]
+        return state.text if state.cut is None else state.text[: state.cut]

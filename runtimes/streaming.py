@@ -49,11 +49,11 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is incomplete)."""
         self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        window = self._decode(self.ids[self._prefix_offset:])
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self.ids[self._prefix_offset :])
         if len(window) <= len(prefix) or window.endswith(_INCOMPLETE):
             return ""
-        piece = window[len(prefix):]
+        piece = window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         self._emitted_chars += len(piece)
         return piece
@@ -65,7 +65,7 @@ class IncrementalDecoder:
         decode differed from the full one.
         """
         full = self._decode(self.ids)
-        rest = full[self._emitted_chars:]
+        rest = full[self._emitted_chars :]
         self._prefix_offset = self._read_offset = len(self.ids)
         self._emitted_chars = len(full)
         return rest

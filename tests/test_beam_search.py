@@ -26,8 +26,17 @@ def model():
     torch.manual_seed(0)
     # A large init range makes the next-token distributions peaked and distinct, so float noise
     # between two equivalent computations cannot flip a near-tie.
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                        initializer_range=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        initializer_range=0.5,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -39,24 +48,41 @@ def prompts():
 def _hf_beam_search(model, prompts, num_beams, eos, early_stopping, length_penalty):
     """transformers' reference: (list per item of token lists, scores [batch, num_beams])."""
     out = model.generate(
-        prompts, attention_mask=torch.ones_like(prompts), num_beams=num_beams, do_sample=False,
-        max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0, early_stopping=early_stopping,
-        length_penalty=length_penalty, num_return_sequences=num_beams,
-        return_dict_in_generate=True, output_scores=True,
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        num_beams=num_beams,
+        do_sample=False,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=eos,
+        pad_token_id=0,
+        early_stopping=early_stopping,
+        length_penalty=length_penalty,
+        num_return_sequences=num_beams,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     lengths = (out.beam_indices >= 0).sum(dim=1)
-    seqs = [out.sequences[i, PROMPT_LEN:PROMPT_LEN + int(lengths[i])].tolist()
-            for i in range(len(lengths))]
+    seqs = [
+        out.sequences[i, PROMPT_LEN : PROMPT_LEN + int(lengths[i])].tolist()
+        for i in range(len(lengths))
+    ]
     batch = prompts.shape[0]
-    grouped = [seqs[i * num_beams:(i + 1) * num_beams] for i in range(batch)]
+    grouped = [seqs[i * num_beams : (i + 1) * num_beams] for i in range(batch)]
     return grouped, out.sequences_scores.reshape(batch, num_beams).numpy()
 
 
 def _ours(model, prompts, num_beams, eos, early_stopping, length_penalty, expand_first=True):
     """Drive BeamSearch with the real model and a KV cache reordered by beam_indices."""
     batch = prompts.shape[0]
-    search = BeamSearch(batch, num_beams, eos, length_penalty=length_penalty,
-                        early_stopping=early_stopping, max_new_tokens=MAX_NEW, pad_token_id=0)
+    search = BeamSearch(
+        batch,
+        num_beams,
+        eos,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        max_new_tokens=MAX_NEW,
+        pad_token_id=0,
+    )
     rows = prompts.repeat_interleave(num_beams, dim=0) if expand_first else prompts
     with torch.no_grad():
         out = model(input_ids=rows, attention_mask=torch.ones_like(rows), use_cache=True)
@@ -69,18 +95,29 @@ def _ours(model, prompts, num_beams, eos, early_stopping, length_penalty, expand
             if done:
                 break
             cache.reorder_cache(torch.from_numpy(beam_idx))
-            mask = torch.cat([mask[torch.from_numpy(beam_idx)], torch.ones(len(tokens), 1,
-                                                                            dtype=mask.dtype)], 1)
-            out = model(input_ids=torch.from_numpy(tokens)[:, None], attention_mask=mask,
-                        past_key_values=cache, use_cache=True)
+            mask = torch.cat(
+                [mask[torch.from_numpy(beam_idx)], torch.ones(len(tokens), 1, dtype=mask.dtype)], 1
+            )
+            out = model(
+                input_ids=torch.from_numpy(tokens)[:, None],
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
     assert steps <= MAX_NEW
     return search.finalize(), search.scores()
 
 
 def _pick_eos(model, prompts):
     """An EOS id that greedy decoding actually emits early, so hypotheses finish before max."""
-    greedy = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                            max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    greedy = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=False,
+        max_new_tokens=4,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     return int(greedy[0, PROMPT_LEN + 2])
 
 
@@ -89,8 +126,9 @@ def _pick_eos(model, prompts):
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
 def test_matches_transformers(model, prompts, num_beams, early_stopping, length_penalty):
     eos = _pick_eos(model, prompts)
-    ref_seqs, ref_scores = _hf_beam_search(model, prompts, num_beams, eos, early_stopping,
-                                           length_penalty)
+    ref_seqs, ref_scores = _hf_beam_search(
+        model, prompts, num_beams, eos, early_stopping, length_penalty
+    )
     seqs, scores = _ours(model, prompts, num_beams, [eos], early_stopping, length_penalty)
     assert seqs == ref_seqs
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
