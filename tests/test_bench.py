@@ -1,8 +1,9 @@
 """Tests of `flagc bench`: schema, ratios, skipped baselines, plots, --compare.
 
-One smoke run (tiny random BERT and LLaMA, 2 repetitions, transformers as the baseline and
-ort-genai hidden so it must be reported as skipped) is shared by most tests. The flagc engine is
-a stand-in with the engine API's methods until `flagc.load` exists; no test asserts a time.
+One smoke run is shared by most tests: a tiny random LLaMA built by `flagc.build` and run by the
+real engine, a tiny random BERT (a stand-in engine until flagc builds BERT graphs), 2
+repetitions, transformers as the baseline and ort-genai hidden so it must come out "skipped".
+No test asserts a time.
 """
 
 from __future__ import annotations
@@ -43,14 +44,9 @@ def _app() -> typer.Typer:
     return app
 
 
-class _Generation:
-    def __init__(self, n: int, times: list[float]) -> None:
-        self.token_ids, self.text = [1] * n, ""
-        self.timings = {"prefill_s": times[0], "token_times_s": times, "session_run_s": times[-1]}
-
-
-class FakeEngine:
-    """Stand-in for `flagc.load(...)`'s engine: same methods, small deterministic sleeps."""
+class FakeEncoder:
+    """Stand-in engine for encoder artifacts while `flagc build` has no BERT graph: the engine
+    API's `forward` with a small deterministic sleep."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
@@ -61,29 +57,32 @@ class FakeEngine:
         time.sleep(0.0003 * input_ids.shape[0])
         return {"last_hidden_state": np.zeros(input_ids.shape + (4,), np.float32)}
 
-    def generate(self, prompt, max_new_tokens: int = 16, temperature: float = 0.0,
-                 min_new_tokens: int | None = None) -> _Generation:
-        assert temperature == 0.0 and min_new_tokens == max_new_tokens
-        t0 = time.perf_counter()
-        time.sleep(0.001)
-        times = []
-        for _ in range(max_new_tokens):
-            time.sleep(0.0003)
-            times.append(time.perf_counter() - t0)
-        return _Generation(max_new_tokens, times)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return np.zeros((len(texts), 4), np.float32)
+def _load(path, device="cpu", threads=None):
+    """flagc.load, except for the stand-in encoder artifacts (marked in their manifest)."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if json.loads((folder / "manifest.json").read_text()).get("test_stand_in"):
+        return FakeEncoder(path, device, threads)
+    from flagc.api import load
+
+    return load(str(path), device=device, threads=threads)
 
 
-def _artifact(root: Path, name: str, src: Path, task: str) -> Path:
-    d = root / name
-    d.mkdir(parents=True)
-    manifest = {"model": name, "family": "test", "task": task, "target": "onnx-fp32",
-                "source": {"path": str(src)}}
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copy(src / "tokenizer.json", d / "tokenizer.json")
-    return d
+def _encoder_artifact(root: Path, src: Path) -> Path:
+    """A real tiny-bert artifact when flagc can build one, else a stand-in folder."""
+    out = root / "tiny-bert"
+    try:
+        flagc.build(str(src), target="onnx-fp32", output=str(out), task="embedding")
+        return out
+    except ConfigError:  # no BERT graph yet: the manifest says so and _load fakes the engine
+        pass
+    out.mkdir(parents=True)
+    manifest = {"model": "tiny-bert", "family": "bert", "task": "embedding",
+                "target": {"name": "onnx-fp32"}, "source": {"path": str(src)},
+                "test_stand_in": True}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +93,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def artifacts(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("artifacts")
-    return [_artifact(root, "tiny-bert", sources.tiny_bert(cache), "embedding"),
-            _artifact(root, "tiny-llama", sources.tiny_llama(cache), "text-generation")]
+    llama = root / "tiny-llama"
+    flagc.build(str(sources.tiny_llama(cache)), target="onnx-fp32", output=str(llama),
+                task="text-generation")
+    return [_encoder_artifact(root, sources.tiny_bert(cache)), llama]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def smoke(artifacts: list[Path], cache: Path, tmp_path_factory: pytest.TempPathF
     out = tmp_path_factory.mktemp("out")
     real_has_module = baselines.has_module
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flagc, "load", FakeEngine, raising=False)
+        mp.setattr(flagc, "load", _load)
         # Hide onnxruntime-genai whether or not it is installed: it must come out "skipped".
         mp.setattr(baselines, "has_module",
                    lambda name: name != "onnxruntime_genai" and real_has_module(name))
@@ -115,6 +116,17 @@ def smoke(artifacts: list[Path], cache: Path, tmp_path_factory: pytest.TempPathF
             "--plot", str(out / "r.png")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return {"result": json.loads((out / "r.json").read_text()), "dir": out, "output": res.output}
+
+
+def test_suite_builds_its_own_artifacts(cache: Path) -> None:
+    """`--suite smoke` without ARTIFACT builds with flagc.build; unbuildable ones get a note."""
+    from flagc.bench.prepare import suite_artifacts
+
+    built, notes = suite_artifacts(SUITES["smoke"], cache, log=lambda msg: None)
+    assert "tiny-llama-onnx-fp32" in [p.name for p in built]
+    for p in built:
+        assert json.loads((p / "manifest.json").read_text())["source"]["path"]
+    assert len(built) + len(notes) == 2  # each model either built or explained
 
 
 def test_result_matches_schema(smoke: dict) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from flagc.bench.base import DECODE, ENCODER, BenchEngine, Point, Skip
 from flagc.errors import ArtifactError
 
-__all__ = ["read_manifest", "workload_of", "source_path", "FlagcEngine", "build_artifact"]
+__all__ = ["read_manifest", "target_name", "workload_of", "source_path", "FlagcEngine",
+           "build_artifact"]
 
 # Tasks timed with one forward over a padded batch, and tasks timed by greedy generation.
 ENCODER_TASKS = {"embedding", "feature-extraction", "classification", "text-classification",
@@ -41,6 +42,12 @@ def read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
         if key not in manifest:
             raise ArtifactError(f"{mpath} has no {key!r} field; rebuild it with this flagc")
     return folder, manifest
+
+
+def target_name(manifest: dict[str, Any]) -> str:
+    """The target's name: manifests store {"name", "backend", "precision", ...}."""
+    target = manifest.get("target")
+    return str(target.get("name", "?")) if isinstance(target, dict) else str(target)
 
 
 def workload_of(manifest: dict[str, Any]) -> str:
@@ -80,7 +87,7 @@ class FlagcEngine(BenchEngine):
     def __init__(self, path: Path, manifest: dict[str, Any], device: str, threads: int) -> None:
         super().__init__()
         self.path, self.manifest, self.device, self.threads = Path(path), manifest, device, threads
-        self.label = f"flagc {manifest.get('target', '?')}"
+        self.label = f"flagc {target_name(manifest)}"
         self.engine: Any = None
 
     def load(self) -> None:
@@ -89,7 +96,7 @@ class FlagcEngine(BenchEngine):
         if not hasattr(flagc, "load"):
             raise ArtifactError("this flagc has no flagc.load(); the engine API is not installed")
         self.engine = flagc.load(self.path, device=self.device, threads=self.threads)
-        self.details["target"] = self.manifest.get("target")
+        self.details["target"] = target_name(self.manifest)
 
     def run(self, point: Point, inputs: Any) -> dict[str, float]:
         if point.workload == ENCODER:
@@ -111,6 +118,9 @@ class FlagcEngine(BenchEngine):
         t0 = time.perf_counter()
         result = gen(prompts, **kw)
         total = time.perf_counter() - t0
+        # A batch gives one result per row; rows step together, so their token times agree.
+        if isinstance(result, list):
+            result = max(result, key=lambda r: len(r.timings["token_times_s"]))
         times = list(result.timings["token_times_s"])
         if not times:
             raise ArtifactError(f"{self.path}: generate() returned no token times")
@@ -124,14 +134,14 @@ class FlagcEngine(BenchEngine):
         self.engine = None
 
 
-def build_artifact(source: Path, target: str, out: Path, **options: Any) -> Path:
-    """Build `source` for `target` into `out` with flagc's own builder; returns the folder.
+def build_artifact(source: Path, target: str, out: Path, task: str, **options: Any) -> Path:
+    """Build `source` for `target` and `task` into `out` with `flagc.build`; returns the folder.
 
-    `options` go to `flagc.build` as they are (for example a custom model file)."""
+    `options` go to `flagc.build` as they are (for example `custom`, a model file)."""
     import flagc
 
     if not hasattr(flagc, "build"):
         raise ArtifactError("this flagc has no flagc.build(); suites that build their own "
                             "artifacts need it — pass ARTIFACT folders instead")
-    flagc.build(source, target=target, output=out, **options)
+    flagc.build(str(source), target=target, output=str(out), task=task, **options)
     return Path(out)

@@ -33,7 +33,9 @@ class BaselineContext:
 
     @property
     def target(self) -> str:
-        return str(self.manifest.get("target", ""))
+        from flagc.bench.adapter import target_name
+
+        return target_name(self.manifest)
 
 
 def has_module(name: str) -> bool:

@@ -33,7 +33,8 @@ def suite_artifacts(suite: Suite, cache_dir: Path,
             folder.parent.mkdir(parents=True, exist_ok=True)
             log(f"building {model.name} for {target} from {source}")
             try:
-                out.append(build_artifact(source, target, folder))
+                out.append(build_artifact(source, target, folder, model.task))
             except (ConfigError, LoweringError) as e:
                 notes.append(f"{model.name}: target {target} skipped, the builder says: {e}")
+                log(notes[-1])
     return out, notes

@@ -133,8 +133,9 @@ def run_artifact(path: Path, opts: Options, log: Callable[[str], None]) -> dict[
                            "measurements": [], "ratios": []}
     try:
         folder, manifest = adapter.read_manifest(path)
-        rec.update({k: manifest.get(k) for k in ("model", "family", "task", "target")})
-        rec["id"] = f"{manifest.get('model') or folder.name}/{manifest['target']}"
+        rec.update({k: manifest.get(k) for k in ("model", "family", "task")})
+        rec["target"] = adapter.target_name(manifest)
+        rec["id"] = f"{manifest.get('model') or folder.name}/{rec['target']}"
         rec["workload"] = adapter.workload_of(manifest)
     except (FlagcError, Skip) as e:
         rec["error" if isinstance(e, FlagcError) else "skipped"] = str(e)
@@ -158,6 +159,12 @@ def run_artifact(path: Path, opts: Options, log: Callable[[str], None]) -> dict[
     inputs = {p: make_inputs(p, tok, opts.seed) for p in points}
     largest = max(points, key=lambda p: p.batch * (p.seq + p.new_tokens))
     live = _load_all(engines, largest, inputs[largest], rec, log)
+    if not any(e.name == "flagc" for e in live):
+        # Baseline times without flagc's are no result (only ratios are): spare the machine.
+        for entry in rec["engines"]:
+            if entry["status"] == "ok":
+                entry.update(status="skipped", note="not measured: the flagc engine failed")
+        live = []
     try:
         for p in points:
             _measure_point(p, inputs[p], live, rec, opts, log)

@@ -22,6 +22,7 @@ class SuiteModel:
 
     name: str
     source: str  # key of flagc.bench.sources.SOURCES
+    task: str  # the artifact's task, as `flagc build --task` takes it
     targets: tuple[str, ...]
 
 
@@ -47,8 +48,8 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="smoke",
             description="seconds: tiny random BERT and LLaMA, onnx-fp32, few repetitions",
-            models=(SuiteModel("tiny-bert", "tiny-bert", ("onnx-fp32",)),
-                    SuiteModel("tiny-llama", "tiny-llama", ("onnx-fp32",))),
+            models=(SuiteModel("tiny-bert", "tiny-bert", "embedding", ("onnx-fp32",)),
+                    SuiteModel("tiny-llama", "tiny-llama", "text-generation", ("onnx-fp32",))),
             encoder_points=((2, 16), (1, 16), (4, 16)),
             decoder_points=((1, 8), (1, 16), (2, 8)),
             new_tokens=8,
@@ -58,8 +59,9 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="cpu",
             description="anchors: all-MiniLM-L6-v2 and SmolLM2-135M, every CPU target",
-            models=(SuiteModel("minilm", "minilm", ("onnx-fp32", "onnx-int8")),
-                    SuiteModel("smollm2", "smollm2", ("onnx-fp32", "onnx-int8", "onnx-int4"))),
+            models=(SuiteModel("minilm", "minilm", "embedding", ("onnx-fp32", "onnx-int8")),
+                    SuiteModel("smollm2", "smollm2", "text-generation",
+                               ("onnx-fp32", "onnx-int8", "onnx-int4"))),
             encoder_points=((8, 128), (1, 32), (1, 128), (2, 128), (4, 128)),
             decoder_points=((1, 32), (1, 256), (4, 32)),
             new_tokens=128,
@@ -69,7 +71,8 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="gpu",
             description="GPU anchor: 1.1B LLaMA shape, random fp16 weights, batch 1 and 8",
-            models=(SuiteModel("llama-1.1b", "llama-1.1b-random", ("onnx-fp16", "trt-fp16")),),
+            models=(SuiteModel("llama-1.1b", "llama-1.1b-random", "text-generation",
+                              ("onnx-fp16", "trt-fp16")),),
             encoder_points=(),
             decoder_points=((1, 128), (8, 128)),
             new_tokens=256,
