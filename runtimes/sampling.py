@@ -169,10 +169,10 @@ def _topk_candidates(x: np.ndarray, top_k: int) -> tuple[np.ndarray | None, np.n
 
 
 def _row_logsumexp(vals: np.ndarray) -> np.ndarray:
-    """log(sum(exp(vals))) per row in float64 ([b, 1])."""
-    v = vals.astype(np.float64)
-    m = v.max(axis=1, keepdims=True)
-    return m + np.log(np.exp(v - m).sum(axis=1, keepdims=True))
+    """log(sum(exp(vals))) per row ([b, 1], float64); exp in float32, sum in float64."""
+    m = vals.max(axis=1, keepdims=True)
+    total = np.exp(vals - m).sum(axis=1, keepdims=True, dtype=np.float64)
+    return m.astype(np.float64) + np.log(total)
 
 
 def _top_p_head(vals: np.ndarray, top_p: float, log_z: np.ndarray):
@@ -310,8 +310,14 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         stops = {int(t) for t in (*eos_token_ids, *params.stop_token_ids) if int(t) < vocab_size}
         self._suppressed = np.array(sorted(stops), dtype=np.int64)
-        self._seen: np.ndarray | None = None  # [b, V] bool: prompt + generated (repetition)
-        self._counts: np.ndarray | None = None  # [b, V] int32: generated only (presence/frequency)
+        # Repetition penalty: which tokens a row has seen (prompt + generated), as a mask for
+        # cheap novelty tests and as flat indices so each step touches only those logits.
+        self._seen: np.ndarray | None = None  # [b, V] bool
+        self._seen_flat = np.zeros(0, dtype=np.int64)  # row * V + token, unique
+        # Presence/frequency: counts of generated tokens and the logit offset they imply,
+        # updated per recorded token so a step costs one subtraction.
+        self._counts: np.ndarray | None = None  # [b, V] int32
+        self._offset: np.ndarray | None = None  # [b, V] float32
         self.batch_size: int | None = None
         self.num_generated = 0
 
@@ -329,7 +335,9 @@ class Sampler:
         self.num_generated = 0
         b, vocab = self.batch_size, self.vocab_size
         self._seen = np.zeros((b, vocab), dtype=bool) if self._uses_repetition else None
+        self._seen_flat = np.zeros(0, dtype=np.int64)
         self._counts = np.zeros((b, vocab), dtype=np.int32) if self._uses_counts else None
+        self._offset = np.zeros((b, vocab), dtype=np.float32) if self._uses_counts else None
         if self._seen is None:
             return
         for row, ids in enumerate(prompt_ids_per_row):
@@ -341,6 +349,7 @@ class Sampler:
                     f"[0, {vocab})"
                 )
             self._seen[row, ids] = True
+        self._seen_flat = np.flatnonzero(self._seen)
 
     def step(self, logits: np.ndarray) -> np.ndarray:
         """Choose one token per row from logits [batch, vocab]; returns int64 [batch].
@@ -365,11 +374,20 @@ class Sampler:
 
     def record(self, tokens: np.ndarray) -> None:
         """Count tokens [batch] as generated (step does this; call it for forced tokens)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
         rows = np.arange(len(tokens))
         if self._seen is not None:
+            new = ~self._seen[rows, tokens]
             self._seen[rows, tokens] = True
+            flat = rows[new] * self.vocab_size + tokens[new]
+            self._seen_flat = np.concatenate([self._seen_flat, flat])
         if self._counts is not None:
             self._counts[rows, tokens] += 1
+            first = self._counts[rows, tokens] == 1
+            p = self.params
+            self._offset[rows, tokens] += np.where(
+                first, p.presence_penalty + p.frequency_penalty, p.frequency_penalty
+            ).astype(np.float32)
         self.num_generated += 1
 
     def _validated(self, logits: np.ndarray) -> np.ndarray:
@@ -392,19 +410,20 @@ class Sampler:
         This is what `step` ranks (greedy) or scales and filters (sampling); the input is never
         modified. Public so the generation loop can report and tests can check it.
         """
-        x, p = logits, self.params
-        if self._seen is not None:
+        p = self.params
+        suppress = self.num_generated < p.min_new_tokens and self._suppressed.size > 0
+        x = np.asarray(logits, dtype=np.float32)
+        if self._seen_flat.size or self._offset is not None or suppress:
+            x = x.copy()  # one copy; everything below works in place on it
+        if self._seen_flat.size:
             # transformers: shrink positive logits by division and negative ones by multiplication.
             pen = np.float32(p.repetition_penalty)
-            x = np.where(self._seen, np.where(x < 0, x * pen, x / pen), x)
-        if self._counts is not None:
-            counts = self._counts
-            x = x - (
-                np.float32(p.presence_penalty) * (counts > 0)
-                + np.float32(p.frequency_penalty) * counts
-            ).astype(np.float32)
-        if self.num_generated < p.min_new_tokens and self._suppressed.size:
-            x = np.array(x, copy=True)
+            flat = x.reshape(-1)
+            seen = flat[self._seen_flat]
+            flat[self._seen_flat] = np.where(seen < 0, seen * pen, seen / pen)
+        if self._offset is not None:
+            x -= self._offset
+        if suppress:
             x[:, self._suppressed] = -np.inf
         return x
 
