@@ -78,7 +78,7 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def glm_inputs(gen: torch.Generator):
-    """Four sequences of 12 tokens with prefix boundaries 0 (fully causal), 4, 7, 12 (fully bidirectional).
+    """Four sequences of 12 tokens, prefix boundaries 0 (causal), 4, 7 and 12 (bidirectional).
 
     Position ids follow GLM's blank infilling layout: part A counts 0..sep-1; part B (the span
     being generated) repeats the position of the [MASK] it fills (sep-1) while its block position
@@ -122,11 +122,16 @@ def main() -> int:
         "labels": labels,
     }
     with torch.no_grad():
-        out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=seps,
-                    return_memory=True, labels=labels)
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=seps,
+            return_memory=True,
+            labels=labels,
+        )
         io["logits"] = out["logits"]
         io["loss"] = out["loss"].reshape(1)
-        # FlagAI's mems: the input of every layer plus the last layer's output, [batch, seq, hidden].
+        # FlagAI's mems: every layer's input plus the last layer's output, [batch, seq, hidden].
         for i, mem in enumerate(out["hidden_states"]):
             io[f"mems.{i}"] = mem
 
@@ -134,8 +139,13 @@ def main() -> int:
         # part of span B, so it sees all 12 memory positions.
         step_ids = torch.randint(1, CONFIG["vocab_size"], (4, 1), generator=gen)
         step_pos = torch.stack([position_ids[:, 0, -1:], position_ids[:, 1, -1:] + 1], dim=1)
-        step = model(input_ids=step_ids, position_ids=step_pos, attention_mask=seps,
-                     mems=out["hidden_states"], return_memory=True)
+        step = model(
+            input_ids=step_ids,
+            position_ids=step_pos,
+            attention_mask=seps,
+            mems=out["hidden_states"],
+            return_memory=True,
+        )
         io["step_input_ids"] = step_ids
         io["step_position_ids"] = step_pos
         io["step_logits"] = step["logits"]
@@ -143,8 +153,9 @@ def main() -> int:
         # attention_scale > 1 switches FlagAI to its max-subtracted, rescaled score path.
         scaled = build(GLMModel, {**CONFIG, "attention_scale": 2.0})
         scaled.load_state_dict(weights)
-        io["scaled_logits"] = scaled(input_ids=input_ids, position_ids=position_ids,
-                                     attention_mask=seps)["logits"]
+        io["scaled_logits"] = scaled(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=seps
+        )["logits"]
 
         # Seq2seq loss: cross entropy with ignore_index=0, weighted by loss_mask.
         s2s = build(GLMForSeq2Seq, CONFIG)
@@ -152,8 +163,13 @@ def main() -> int:
         loss_mask = (torch.arange(12).view(1, -1) >= seps.view(-1, 1)).long()
         target_ids = labels.clone()
         target_ids[:, 0] = 0  # exercises ignore_index=0
-        s2s_out = s2s(input_ids=input_ids, position_ids=position_ids, attention_mask=seps,
-                      target_ids=target_ids, loss_mask=loss_mask)
+        s2s_out = s2s(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=seps,
+            target_ids=target_ids,
+            loss_mask=loss_mask,
+        )
         io["s2s_target_ids"] = target_ids
         io["s2s_loss_mask"] = loss_mask
         io["s2s_loss"] = s2s_out["loss"].reshape(1)
@@ -163,11 +179,15 @@ def main() -> int:
         cls_model.model.load_state_dict(weights)
         randomize(cls_model.pool_layer, gen)
         randomize(cls_model.multichoice_head, gen)
-        head = {k: v.contiguous() for k, v in cls_model.state_dict().items()
-                if not k.startswith("model.")}
+        head = {
+            k: v.contiguous()
+            for k, v in cls_model.state_dict().items()
+            if not k.startswith("model.")
+        }
         cls_labels = torch.tensor([0, 2, 1, 2])
-        cls_out = cls_model(input_ids=input_ids, position_ids=position_ids,
-                            attention_mask=seps, labels=cls_labels)
+        cls_out = cls_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=seps, labels=cls_labels
+        )
         io["cls_labels"] = cls_labels
         io["cls_logits"] = cls_out["logits"]
         io["cls_loss"] = cls_out["loss"].reshape(1)
@@ -176,8 +196,9 @@ def main() -> int:
         # 'start' indexes outputs[b, sep]: keep sep < seq for this case.
         start_seps = seps.clamp(max=11)
         io["start_attention_mask"] = start_seps
-        io["start_logits"] = start_model(input_ids=input_ids, position_ids=position_ids,
-                                         attention_mask=start_seps)["logits"]
+        io["start_logits"] = start_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=start_seps
+        )["logits"]
 
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(OUT / "weights.safetensors"))
@@ -191,7 +212,7 @@ def main() -> int:
             "python": sys.version.split()[0],
             "script": "scripts/make_glm_fixture.py",
             "classes": "flagai.model.glm_model.GLMModel / GLMForSeq2Seq / "
-                       "GLMForSequenceClassification, eval() mode",
+            "GLMForSequenceClassification, eval() mode",
         },
     }
     (OUT / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -40,7 +40,6 @@ __all__ = [
     "GLMModel",
     "GLMForSeq2Seq",
     "GLMForSequenceClassification",
-    "GLM_HUB_CONFIGS",
     "glm_prefix_allowed",
     "glm_generate_blank",
 ]
@@ -78,40 +77,31 @@ class GLMConfig(ModelConfig):
     class_num: int = 2
 
     def __post_init__(self) -> None:
-        self._positive("num_layers", "vocab_size", "hidden_size", "num_attention_heads",
-                       "max_sequence_length", "class_num")
+        self._positive(
+            "num_layers",
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "max_sequence_length",
+            "class_num",
+        )
         self._divides("hidden_size", "num_attention_heads")
         self._probability("embedding_dropout_prob", "attention_dropout_prob", "output_dropout_prob")
         self._check(self.max_memory_length >= 0, "max_memory_length", ">= 0")
         # Transformer-XL relative encoding and P-tuning prompt spells are FlagAI research
         # options no released GLM checkpoint uses; refuse them rather than run different math.
-        self._check(not self.relative_encoding, "relative_encoding",
-                    "false (Transformer-XL relative encoding is not supported)")
-        self._check(self.spell_length is None, "spell_length",
-                    "null (P-tuning prompt spells are not supported)")
+        self._check(
+            not self.relative_encoding,
+            "relative_encoding",
+            "false (Transformer-XL relative encoding is not supported)",
+        )
+        self._check(
+            self.spell_length is None,
+            "spell_length",
+            "null (P-tuning prompt spells are not supported)",
+        )
         self._check(self.attention_scale >= 1.0, "attention_scale", ">= 1.0")
         self._check(self.layernorm_epsilon > 0, "layernorm_epsilon", "> 0")
-
-
-_GLM_COMMON: dict[str, Any] = {
-    "embedding_dropout_prob": 0.1, "attention_dropout_prob": 0.1, "output_dropout_prob": 0.1,
-    "checkpoint_num_layers": 1, "parallel_output": True, "relative_encoding": False,
-    "block_position_encoding": True, "output_predict": True, "spell_length": None,
-    "spell_func": "lstm", "attention_scale": 1.0,
-}
-# FlagAI's model-hub configs. Sizes as published for these checkpoints (THUDM GLM-large /
-# GLM-10B-chinese; FlagAI's hub config.json files for GLM-large-ch carry exactly these keys).
-GLM_HUB_CONFIGS: dict[str, dict[str, Any]] = {
-    "GLM-large-ch": {**_GLM_COMMON, "num_layers": 24, "vocab_size": 50048, "hidden_size": 1024,
-                     "num_attention_heads": 16, "max_sequence_length": 1024,
-                     "max_memory_length": 511},
-    "GLM-large-en": {**_GLM_COMMON, "num_layers": 24, "vocab_size": 30592, "hidden_size": 1024,
-                     "num_attention_heads": 16, "max_sequence_length": 512,
-                     "max_memory_length": 0},
-    "GLM-10b-ch": {**_GLM_COMMON, "num_layers": 48, "vocab_size": 50048, "hidden_size": 4096,
-                   "num_attention_heads": 64, "max_sequence_length": 1024,
-                   "max_memory_length": 0},
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,14 +144,20 @@ class GLMSelfAttention(nn.Module):
         _, k, v = self.query_key_value(normed).chunk(3, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def forward(self, normed: torch.Tensor, bias: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, normed: torch.Tensor, bias: torch.Tensor, past: KV | None
+    ) -> tuple[torch.Tensor, KV]:
         q, k, v = self.query_key_value(normed).chunk(3, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(self.head_dim),
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            scale=1.0 / math.sqrt(self.head_dim),
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
         batch, seq = normed.shape[0], normed.shape[1]
@@ -190,8 +186,9 @@ class GLMBlock(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = GLMSelfAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size,
-                                                     eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon
+        )
         self.mlp = GLMMLP(config)
 
     def memory_kv(self, mem: torch.Tensor) -> KV:
@@ -212,10 +209,13 @@ class GLMStack(nn.Module):
         self.block_position_encoding = config.block_position_encoding
         # +1: GLM gives span-B tokens position sep-1..., and block positions up to the length.
         extra = 1 if config.block_position_encoding else 0
-        self.position_embeddings = nn.Embedding(config.max_sequence_length + extra, config.hidden_size)
+        self.position_embeddings = nn.Embedding(
+            config.max_sequence_length + extra, config.hidden_size
+        )
         if config.block_position_encoding:
-            self.block_position_embeddings = nn.Embedding(config.max_sequence_length + 1,
-                                                          config.hidden_size)
+            self.block_position_embeddings = nn.Embedding(
+                config.max_sequence_length + 1, config.hidden_size
+            )
         self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
         self.layers = nn.ModuleList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -223,8 +223,11 @@ class GLMStack(nn.Module):
     def forward(self, embeds, position_ids, bias, past=None):
         """Returns (final hidden, per-layer inputs + last output (FlagAI mems), presents)."""
         if self.block_position_encoding:
-            hidden = (embeds + self.position_embeddings(position_ids[:, 0])
-                      + self.block_position_embeddings(position_ids[:, 1]))
+            hidden = (
+                embeds
+                + self.position_embeddings(position_ids[:, 0])
+                + self.block_position_embeddings(position_ids[:, 1])
+            )
         else:
             hidden = embeds + self.position_embeddings(position_ids)
         hidden = self.embedding_dropout(hidden)
@@ -272,10 +275,11 @@ class GLMModel(BaseModel):
         if not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.tensor(attention_mask, dtype=torch.long)
         if attention_mask.dim() == 4:  # FlagAI's explicit matrix, keep its last past+q keys
-            allowed = attention_mask[..., attention_mask.shape[-1] - (past_len + q_len):] > 0
+            allowed = attention_mask[..., attention_mask.shape[-1] - (past_len + q_len) :] > 0
         elif attention_mask.dim() <= 1:
-            allowed = glm_prefix_allowed(attention_mask.to(self.word_embeddings.weight.device),
-                                         q_len, past_len)
+            allowed = glm_prefix_allowed(
+                attention_mask.to(self.word_embeddings.weight.device), q_len, past_len
+            )
         else:
             raise RuntimeInputError(
                 "GLM attention_mask must be the per-sequence separator index [batch] (or a scalar) "
@@ -308,7 +312,9 @@ class GLMModel(BaseModel):
         else:
             past = past_key_values
         if past is not None and len(past) != len(layers):
-            raise RuntimeInputError(f"GLM past holds {len(past)} layers; the model has {len(layers)}")
+            raise RuntimeInputError(
+                f"GLM past holds {len(past)} layers; the model has {len(layers)}"
+            )
         q_len = input_ids.shape[1]
         past_len = past[0][0].shape[2] if past is not None else 0
         embeds = self.word_embeddings(input_ids)
@@ -317,8 +323,9 @@ class GLMModel(BaseModel):
         logits = F.linear(hidden, self.word_embeddings.weight) if self.output_predict else hidden
         out: dict[str, Any] = {"logits": logits}
         if return_memory or self.config.max_memory_length > 0:
-            out["hidden_states"] = _update_mems(layer_inputs, mems, return_memory,
-                                                self.config.max_memory_length)
+            out["hidden_states"] = _update_mems(
+                layer_inputs, mems, return_memory, self.config.max_memory_length
+            )
         else:
             out["hidden_states"] = []
         if use_cache:
@@ -336,9 +343,9 @@ def _update_mems(hiddens, mems, return_memory: bool, max_memory_length: int) -> 
     if not return_memory:
         new_len = min(max_memory_length, new_len)
     if new_len <= q_len:
-        return [h[:, q_len - new_len:] for h in hiddens]
+        return [h[:, q_len - new_len :] for h in hiddens]
     keep = new_len - q_len
-    return [torch.cat((m[:, m.shape[1] - keep:], h), dim=1) for m, h in zip(mems, hiddens)]
+    return [torch.cat((m[:, m.shape[1] - keep :], h), dim=1) for m, h in zip(mems, hiddens)]
 
 
 class GLMForSeq2Seq(GLMModel):
@@ -349,23 +356,35 @@ class GLMForSeq2Seq(GLMModel):
     Unlike FlagAI, `logits` keep their [batch, seq, vocab] shape (FlagAI flattens them).
     """
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, target_ids=None,
-                loss_mask=None, **kwargs: Any) -> dict[str, Any]:
-        out = super().forward(input_ids=input_ids, position_ids=position_ids,
-                              attention_mask=attention_mask, **kwargs)
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        target_ids=None,
+        loss_mask=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        out = super().forward(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **kwargs
+        )
         if target_ids is not None:
             if loss_mask is None:
                 raise RuntimeInputError("GLMForSeq2Seq: target_ids given without loss_mask")
             logits = out["logits"]
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                     target_ids.reshape(-1).long(), ignore_index=0, reduction="none")
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                target_ids.reshape(-1).long(),
+                ignore_index=0,
+                reduction="none",
+            )
             mask = loss_mask.reshape(-1).float()
             out["loss"] = (losses * mask).sum() / mask.sum()
         return out
 
 
 class GLMForSequenceClassification(BaseModel):
-    """FlagAI's GLMForSequenceClassification: GLM hidden state at a pool token -> tanh dense -> classes.
+    """FlagAI's GLMForSequenceClassification: hidden state at a pool token -> tanh dense -> classes.
 
     pool_token: 'cls' (position 0), 'start' (the separator position) or 'pad' (sep - 1).
     Parameter names match FlagAI's wrapper: `model.*`, `pool_layer`, `multichoice_head`.
@@ -378,11 +397,14 @@ class GLMForSequenceClassification(BaseModel):
     )
     head_prefixes: ClassVar[tuple[str, ...]] = ("pool_layer.", "multichoice_head.")
 
-    def __init__(self, config: GLMConfig, hidden_dropout: float = 0.1, pool_token: str = "cls",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, config: GLMConfig, hidden_dropout: float = 0.1, pool_token: str = "cls", **kwargs: Any
+    ) -> None:
         super().__init__(config, **kwargs)
         if pool_token not in ("cls", "start", "pad"):
-            raise RuntimeInputError(f"pool_token must be 'cls', 'start' or 'pad', got {pool_token!r}")
+            raise RuntimeInputError(
+                f"pool_token must be 'cls', 'start' or 'pad', got {pool_token!r}"
+            )
         self.pool_token = pool_token
         self.model = GLMModel(config)
         self.model.output_predict = False
@@ -390,19 +412,23 @@ class GLMForSequenceClassification(BaseModel):
         self.multichoice_dropout = nn.Dropout(hidden_dropout)
         self.multichoice_head = nn.Linear(config.hidden_size, config.class_num)
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, labels=None,
-                **kwargs: Any) -> dict[str, Any]:
+    def forward(
+        self, input_ids=None, position_ids=None, attention_mask=None, labels=None, **kwargs: Any
+    ) -> dict[str, Any]:
         """[batch, seq] inputs (or [batch, choices, seq] with class_num == 1) -> class logits."""
         num_choices = None
         if input_ids is not None and input_ids.dim() == 3:
             if self.config.class_num != 1:
-                raise RuntimeInputError("multiple-choice inputs [batch, choices, seq] need class_num == 1")
+                raise RuntimeInputError(
+                    "multiple-choice inputs [batch, choices, seq] need class_num == 1"
+                )
             num_choices = input_ids.shape[1]
             input_ids = input_ids.reshape(-1, input_ids.shape[-1])
             attention_mask = attention_mask.reshape(-1, *attention_mask.shape[2:])
             position_ids = position_ids.reshape(-1, *position_ids.shape[2:])
-        model_out = self.model(input_ids=input_ids, position_ids=position_ids,
-                               attention_mask=attention_mask)
+        model_out = self.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
+        )
         hidden = model_out["logits"]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         if self.pool_token == "cls":
@@ -411,7 +437,9 @@ class GLMForSequenceClassification(BaseModel):
             pooled = hidden[rows, attention_mask.reshape(-1)]
         else:
             pooled = hidden[rows, attention_mask.reshape(-1) - 1]
-        logits = self.multichoice_head(self.multichoice_dropout(torch.tanh(self.pool_layer(pooled))))
+        logits = self.multichoice_head(
+            self.multichoice_dropout(torch.tanh(self.pool_layer(pooled)))
+        )
         if num_choices is not None:
             logits = logits.reshape(-1, num_choices)
         out: dict[str, Any] = {"logits": logits, "hidden_states": model_out["hidden_states"]}
@@ -452,8 +480,13 @@ def glm_generate_blank(
     batch, ctx_len = context_ids.shape
     device = context_ids.device
     mask_position = torch.as_tensor(mask_position, device=device).reshape(-1).expand(batch)
-    positions = torch.stack((torch.arange(ctx_len, device=device).expand(batch, ctx_len),
-                             torch.zeros(batch, ctx_len, dtype=torch.long, device=device)), dim=1)
+    positions = torch.stack(
+        (
+            torch.arange(ctx_len, device=device).expand(batch, ctx_len),
+            torch.zeros(batch, ctx_len, dtype=torch.long, device=device),
+        ),
+        dim=1,
+    )
     sep = torch.full((batch,), ctx_len, dtype=torch.long, device=device)
     out = model(input_ids=context_ids, position_ids=positions, attention_mask=sep, use_cache=True)
     past = out["past_key_values"]
@@ -463,10 +496,16 @@ def glm_generate_blank(
     generated = []
     zero_sep = torch.zeros((batch,), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        pos = torch.stack((mask_position[:, None], torch.full_like(mask_position[:, None], step + 1)),
-                          dim=1)
-        out = model(input_ids=token, position_ids=pos, attention_mask=zero_sep,
-                    past_key_values=past, use_cache=True)
+        pos = torch.stack(
+            (mask_position[:, None], torch.full_like(mask_position[:, None], step + 1)), dim=1
+        )
+        out = model(
+            input_ids=token,
+            position_ids=pos,
+            attention_mask=zero_sep,
+            past_key_values=past,
+            use_cache=True,
+        )
         past = out["past_key_values"]
         nxt = out["logits"][:, -1].argmax(-1)
         nxt = torch.where(done, ends[0], nxt)
@@ -476,3 +515,29 @@ def glm_generate_blank(
             break
         token = nxt[:, None]
     return torch.stack(generated, dim=1)
+
+
+def _families():
+    # registry imports this module lazily (inside its first lookup), so importing Family here
+    # creates no import cycle; FAMILIES is read by registry._ensure_loaded.
+    from flagc.models.registry import Family  # noqa: PLC0415
+
+    return (
+        Family(
+            "glm",
+            (GLMConfig,),
+            {
+                # FlagAI's AutoLoader: glm_lm -> GLMModel, glm_seq2seq / glm_title-generation /
+                # glm_poetry -> GLMForSeq2Seq, glm_classification -> GLMForSequenceClassification.
+                "base": GLMModel,
+                "lm": GLMModel,
+                "seq2seq": GLMForSeq2Seq,
+                "classification": GLMForSequenceClassification,
+            },
+            "FlagAI GLM (blank infilling, 2-D positions, prefix attention): GLM-large-ch/en, "
+            "GLM-10b-ch",
+        ),
+    )
+
+
+FAMILIES = _families()

@@ -1,7 +1,8 @@
 """T5 / mT5 encoder-decoder (FlagAI's T5-base-ch / T5-base-en, HF t5 / t5 v1.1 / mt5 checkpoints).
 
-Layer -> block -> model, with Hugging Face's module names (`encoder.block.0.layer.0.SelfAttention.q`,
-`...layer.1.DenseReluDense.wi_0`, ...) so HF and FlagAI checkpoints load without renaming.
+Layer -> block -> model, with Hugging Face's module names
+(`encoder.block.0.layer.0.SelfAttention.q`, `...layer.1.DenseReluDense.wi_0`, ...) so HF and
+FlagAI checkpoints load without renaming.
 
 T5 specifics worth knowing when reading the math:
 - no absolute positions: a learned bias per (relative-distance bucket, head) is added to the
@@ -39,7 +40,6 @@ __all__ = [
     "T5Model",
     "T5ForConditionalGeneration",
     "relative_position_bucket",
-    "T5_HUB_CONFIGS",
 ]
 
 # One decoder layer's cache: (self-attention K, V, cross-attention K, V).
@@ -81,17 +81,28 @@ class T5Config(ModelConfig):
         if self.decoder_start_token_id is None:
             self.decoder_start_token_id = self.pad_token_id
         self._positive(
-            "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
-            "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_decoder_layers",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
         )
-        self._check(self.relative_attention_num_buckets >= 4, "relative_attention_num_buckets",
-                    ">= 4 (half are split again into exact and log-spaced buckets)")
+        self._check(
+            self.relative_attention_num_buckets >= 4,
+            "relative_attention_num_buckets",
+            ">= 4 (half are split again into exact and log-spaced buckets)",
+        )
         self._probability("dropout_rate")
         self._check(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "> 0")
         parts = self.feed_forward_proj.split("-")
         self._check(
             (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) and bool(parts[-1]),
-            "feed_forward_proj", "'<act>' or 'gated-<act>', e.g. 'relu' or 'gated-gelu'",
+            "feed_forward_proj",
+            "'<act>' or 'gated-<act>', e.g. 'relu' or 'gated-gelu'",
         )
         activation(self.dense_act_fn)  # ConfigError naming the activation when unknown
 
@@ -119,22 +130,6 @@ class MT5Config(T5Config):
     tie_word_embeddings: bool = False
 
 
-# FlagAI model-hub configs. T5-base-en is Google's t5-base; T5-base-ch is FlagAI's Chinese
-# T5-pegasus (mT5-style gated-gelu, untied head, 50k BERT-style vocabulary).
-T5_HUB_CONFIGS: dict[str, dict[str, Any]] = {
-    "T5-base-en": {
-        "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
-        "num_heads": 12, "feed_forward_proj": "relu", "tie_word_embeddings": True,
-        "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-    },
-    "T5-base-ch": {
-        "vocab_size": 50000, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12,
-        "num_heads": 12, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
-        "pad_token_id": 0, "eos_token_id": 1,
-    },
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +153,9 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     is_small = distance < max_exact
     # clamp(min=1) keeps log() finite for the small distances `where` discards anyway.
-    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(
+        max_distance / max_exact
+    )
     large = max_exact + (log_ratio * (num_buckets - max_exact)).to(torch.long)
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(is_small, distance, large)
@@ -181,15 +178,17 @@ class T5Attention(nn.Module):
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets,
-                                                        config.num_heads)
+            self.relative_attention_bias = nn.Embedding(
+                config.relative_attention_num_buckets, config.num_heads
+            )
 
     def compute_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """Bucket bias [1, heads, q_len, k_len]; queries are the last q_len of k_len positions."""
         q_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         k_pos = torch.arange(k_len, device=device)[None, :]
-        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets,
-                                           self.max_distance)
+        buckets = relative_position_bucket(
+            k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance
+        )
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +204,12 @@ class T5Attention(nn.Module):
         """hidden [b, q, d], bias [b|1, heads|1, q, k], kv the full keys / values -> [b, q, d]."""
         q = self._heads(self.q(hidden))
         out = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=bias.to(q.dtype),
-            dropout_p=self.dropout if self.training else 0.0, scale=1.0,
+            q,
+            kv[0],
+            kv[1],
+            attn_mask=bias.to(q.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0,
         )
         batch, q_len = hidden.shape[0], hidden.shape[1]
         return self.o(out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_kv))
@@ -360,12 +363,16 @@ class T5Stack(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-T5_WEIGHT_MAP = WeightMap([
-    # Older HF checkpoints also store the shared table under each stack's name.
-    WeightRule(r"(encoder|decoder)\.embed_tokens\.weight", None),
-    # A never-used table some checkpoints carry (HF lists it in _keys_to_ignore_on_load_unexpected).
-    WeightRule(r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight", None),
-])
+T5_WEIGHT_MAP = WeightMap(
+    [
+        # Older HF checkpoints also store the shared table under each stack's name.
+        WeightRule(r"(encoder|decoder)\.embed_tokens\.weight", None),
+        # A never-used table some checkpoints carry (HF: _keys_to_ignore_on_load_unexpected).
+        WeightRule(
+            r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight", None
+        ),
+    ]
+)
 
 
 class T5Model(BaseModel):
@@ -401,8 +408,10 @@ class T5Model(BaseModel):
 
     def cross_kv(self, encoder_hidden_states: torch.Tensor):
         """Per decoder layer, the cross-attention K/V of the encoder output (computed once)."""
-        return tuple(block.layer[1].EncDecAttention.project(encoder_hidden_states)
-                     for block in self.decoder.block)
+        return tuple(
+            block.layer[1].EncDecAttention.project(encoder_hidden_states)
+            for block in self.decoder.block
+        )
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing decoder inputs: [start, labels[:-1]] with -100 replaced by pad."""
@@ -443,10 +452,15 @@ class T5Model(BaseModel):
         else:
             cross = self.cross_kv(encoder_hidden)
         hidden, presents = self.decoder.decode(
-            self.shared(decoder_input_ids), cross, attention_mask, past_key_values,
+            self.shared(decoder_input_ids),
+            cross,
+            attention_mask,
+            past_key_values,
             decoder_attention_mask,
         )
-        scaled = hidden * (self.config.d_model ** -0.5) if self.config.scale_decoder_outputs else hidden
+        scaled = (
+            hidden * (self.config.d_model**-0.5) if self.config.scale_decoder_outputs else hidden
+        )
         logits = self.lm_head(scaled)
         out: dict[str, Any] = {"logits": logits, "hidden_states": hidden}
         if encoder_hidden is not None:
@@ -487,3 +501,24 @@ def _check_past(past: Sequence[LayerPast], layers: int) -> None:
             f"{len(past)} entries of lengths {[len(p) for p in past]}"
         )
 
+
+def _families():
+    # registry imports this module lazily (inside its first lookup), so importing Family here
+    # creates no import cycle; FAMILIES is read by registry._ensure_loaded.
+    from flagc.models.registry import Family  # noqa: PLC0415
+
+    return (
+        Family(
+            "t5",
+            (T5Config, MT5Config),
+            {
+                "base": T5Model,
+                "lm": T5ForConditionalGeneration,
+                "seq2seq": T5ForConditionalGeneration,
+            },
+            "T5 / mT5 encoder-decoders (FlagAI T5Model: T5-base-ch, T5-base-en)",
+        ),
+    )
+
+
+FAMILIES = _families()
