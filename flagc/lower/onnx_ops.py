@@ -293,7 +293,12 @@ def _attention(ctx, node, ins, outs):
     if additive is not None:
         scores = em.op("Add", [scores, additive])
     if ins[6] is not None:
-        scores = em.op("Add", [scores, em.op("Reshape", [ins[6], em.i64(0, KV, G, 0, 0)])])
+        # [b|1, H, s, T] -> [b|1, KV, G, s, T]; built from Shape since s and T are dynamic.
+        shp = em.op("Shape", [ins[6]])
+        target = em.op("Concat", [em.op("Slice", [shp, em.i64(0), em.i64(1), em.i64(0)]),
+                                  em.i64(KV, G),
+                                  em.op("Slice", [shp, em.i64(2), em.i64(4), em.i64(0)])], axis=0)
+        scores = em.op("Add", [scores, em.op("Reshape", [ins[6], target])])
     probs = em.op("Softmax", [scores], axis=-1)
     ctx_ = em.op("MatMul", [probs, em.op("Unsqueeze", [V, em.i64(2)])])  # [b, KV, G, s, d]
     ctx_t = em.op("Transpose", [ctx_], perm=[0, 3, 1, 2, 4])
