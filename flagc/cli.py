@@ -150,12 +150,11 @@ def models():
     typer.echo("graph DSL model types: " + ", ".join(sorted(BUILTIN_GRAPHS)))
     typer.echo("targets: " + ", ".join(f"{n}{'' if t.implemented else ' (planned)'}"
                                        for n, t in TARGETS.items()))
-    try:
-        from flagc.models.registry import HUB_MODELS  # the from_pretrain zoo
+    from flagc.models.registry import family_names, hub_model_names, task_names
 
-        typer.echo("zoo hub names: " + ", ".join(sorted(HUB_MODELS)))
-    except ImportError:
-        pass
+    typer.echo("from_pretrain families: " + ", ".join(family_names()))
+    typer.echo("from_pretrain hub names: " + ", ".join(hub_model_names()))
+    typer.echo("tasks: " + ", ".join(task_names()))
 
 
 def _register_extensions() -> None:

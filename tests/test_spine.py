@@ -126,3 +126,12 @@ def test_external_data_path_keeps_parity(tiny_qwen2, tmp_path):
     with torch.no_grad():
         ref = _hf(tiny_qwen2)(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits - ref).max() < 1e-4
+
+
+def test_cli_models_lists_families_targets_and_hub_names():
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0
+    assert "graph DSL model types: llama, mistral, qwen2" in res.output
+    assert "onnx-fp32," in res.output and "GLM-large-ch" in res.output
