@@ -2,7 +2,8 @@
 
 One smoke run is shared by most tests: a tiny random LLaMA built by `flagc.build` and run by the
 real engine, a tiny random BERT (a stand-in engine until flagc builds BERT graphs), 2
-repetitions, transformers as the baseline and ort-genai hidden so it must come out "skipped".
+repetitions, transformers and ort-optimizer as baselines, and ort-genai hidden so it must come
+out "skipped".
 No test asserts a time.
 """
 
@@ -111,7 +112,8 @@ def smoke(artifacts: list[Path], cache: Path, tmp_path_factory: pytest.TempPathF
                    lambda name: name != "onnxruntime_genai" and real_has_module(name))
         res = CliRunner().invoke(_app(), [
             "bench", *map(str, artifacts), "--suite", "smoke", "--baseline",
-            "transformers,ort-genai", "--reps", "2", "--warmup", "0", "--cache-dir", str(cache),
+            "transformers,ort-optimizer,ort-genai", "--reps", "2", "--warmup", "0",
+            "--cache-dir", str(cache),
             "--json", str(out / "r.json"), "--markdown", str(out / "r.md"),
             "--plot", str(out / "r.png")])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -173,10 +175,13 @@ def test_every_point_has_ratios_to_the_baseline(smoke: dict) -> None:
         [f"encoder b{b} s{s}" for b, s in suite.encoder_points]
     assert {(r["key"].split(" | ")[1], r["metric"]) for r in dec["ratios"]} == \
         {(f"decode b{b} p{p} n8", m) for b, p in suite.decoder_points for m in ("ttft", "decode")}
-    for art in (enc, dec):
-        assert all(r["baseline"] == "transformers" and r["ratio"] > 0 for r in art["ratios"])
+    for art, baselines_run in ((enc, ["transformers", "ort-optimizer"]), (dec, ["transformers"])):
+        assert {r["baseline"] for r in art["ratios"]} == set(baselines_run)
+        assert all(r["ratio"] > 0 and r["ratio_best"] > 0 for r in art["ratios"])
         ok = [e for e in art["engines"] if e["status"] == "ok"]
-        assert [e["name"] for e in ok] == ["flagc", "transformers"]
+        assert [e["name"] for e in ok] == ["flagc", *baselines_run]
+    optimizer = next(e for e in dec["engines"] if e["name"] == "ort-optimizer")
+    assert optimizer["status"] == "skipped" and "encoders only" in optimizer["note"]
     for m in dec["measurements"]:
         assert m["stats"]["new_tokens"] == 8  # EOS suppressed: every engine makes all tokens
         assert m["stats"]["decode_tok_s"]["n"] == 2

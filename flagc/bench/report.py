@@ -16,7 +16,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"# flagc bench: suite {st['suite']} ({meta['date']})", "",
              f"Machine: {m.get('cpu')}, {m.get('nproc')} cores, {m.get('mem_gib')} GiB; "
              f"device {st['device']}, {st['threads']} threads (torch and onnxruntime); "
-             f"flagc {v.get('flagc')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
+             f"flagc {v.get('flagc')}, torch {v.get('torch')}, "
+             f"transformers {v.get('transformers')}, "
              f"onnxruntime {v.get('onnxruntime')}, onnxruntime-genai {v.get('onnxruntime-genai')}. "
              f"Run took {meta.get('wall_s')} s; load average {_load(meta)}.", "",
              f"Command: `{meta['command']}`", "",

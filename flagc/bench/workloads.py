@@ -53,6 +53,8 @@ DECODER_PROMPT = (
 
 @dataclass
 class EncoderInputs:
+    """One encoder point's feeds, shared by every engine."""
+
     input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_type_ids: np.ndarray  # int64 zeros, for baselines whose graphs take it
@@ -60,6 +62,8 @@ class EncoderInputs:
 
 @dataclass
 class DecoderInputs:
+    """One decode point's prompts, shared by every engine."""
+
     prompts: list[list[int]]  # `batch` prompts of exactly `seq` tokens each (no padding)
 
 
@@ -84,9 +88,11 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
+        """Where the ids come from, for the report."""
         return f"tokenizer.json ({self.path})" if self._tok else "synthetic ids"
 
     def encode(self, text: str, special: bool) -> list[int]:
+        """Token ids of `text`, with the tokenizer's special tokens when `special`."""
         if self._tok is None:
             rng = random.Random(text)
             n = max(1, len(text.split()) + (2 if special else 0))
@@ -110,7 +116,8 @@ class Tokenizer:
         return ids, mask
 
 
-def find_tokenizer(artifact_dir: Path, source_dir: Path | None, vocab_size: int | None) -> Tokenizer:
+def find_tokenizer(artifact_dir: Path, source_dir: Path | None,
+                   vocab_size: int | None) -> Tokenizer:
     """The artifact's tokenizer.json, else the source folder's, else synthetic ids."""
     for folder in (artifact_dir, source_dir):
         if folder is not None and (folder / "tokenizer.json").is_file():
