@@ -9,7 +9,7 @@ import numpy as np
 
 from flagc.artifact import read_manifest
 from flagc.errors import ArtifactError, RuntimeInputError
-from flagc.runtimes.generate import GenerationResult, KVLayout, generate_tokens
+from flagc.runtimes.generate import KVLayout, generate_tokens, positions_from_mask
 from flagc.runtimes.sampling import SamplingParams
 
 __all__ = ["LoadedModel", "load_artifact"]
@@ -67,7 +67,7 @@ class LoadedModel:
         feeds = {"input_ids": ids, "attention_mask": mask}
         names = set(self.engine.input_names)
         if "position_ids" in names:
-            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            feeds["position_ids"] = positions_from_mask(mask)
         if "kv_cache" in self.manifest and self.manifest["kv_cache"]:
             feeds.update(KVLayout.from_manifest(self.manifest).empty(ids.shape[0]))
         outs = [n for n in self.engine.output_names if not n.startswith("present.")]
