@@ -45,6 +45,7 @@ __all__ = [
     "resolve_local_dir",
     "cross_entropy_loss",
     "shifted_lm_loss",
+    "CausalLMModel",
 ]
 
 M = TypeVar("M", bound="BaseModel")
@@ -454,3 +455,45 @@ def _write_tensor(model: nn.Module, name: str, value: torch.Tensor, current: tor
         setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         owner.register_buffer(attr, value)
+
+
+class CausalLMModel(BaseModel):
+    """A decoder backbone `self.model` (returning hidden states and presents) plus an LM head
+    tied to the backbone's token embedding (`embedding_attr`) when the config says so.
+
+    Subclasses set `config_class`, `weight_map`, `backbone_class` and `embedding_attr`.
+    """
+
+    backbone_class: ClassVar[type]
+    embedding_attr: ClassVar[str]
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.model = self.backbone_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = getattr(self.model, self.embedding_attr).weight
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Returns logits [batch, seq, vocab], hidden_states, past_key_values (+ loss)."""
+        hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(hidden)
+        out: dict[str, Any] = {
+            "logits": logits,
+            "hidden_states": hidden,
+            "past_key_values": presents,
+        }
+        if labels is not None:
+            out["loss"] = shifted_lm_loss(logits, labels)
+        return out

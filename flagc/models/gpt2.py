@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flagc.models.base import TRANSPOSE, BaseModel, WeightMap, WeightRule, shifted_lm_loss
+from flagc.models.base import TRANSPOSE, BaseModel, CausalLMModel, WeightMap, WeightRule
 from flagc.models.config import GPT2Config
 from flagc.models.layers import KV, MLP, Attention, decoder_bias_and_positions
 
@@ -114,39 +114,10 @@ class GPT2Model(BaseModel):
         return {"logits": hidden, "hidden_states": hidden, "past_key_values": presents}
 
 
-class GPT2LMHeadModel(BaseModel):
+class GPT2LMHeadModel(CausalLMModel):
     """GPT-2 language model (text / poetry generation); the LM head is tied to `wte`."""
 
     config_class = GPT2Config
     weight_map = GPT2_RULES
-
-    def __init__(self, config: GPT2Config, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.model = GPT2Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.wte.weight
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        labels=None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Returns logits [batch, seq, vocab], hidden_states, past_key_values (+ loss)."""
-        hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
-        logits = self.lm_head(hidden)
-        out: dict[str, Any] = {
-            "logits": logits,
-            "hidden_states": hidden,
-            "past_key_values": presents,
-        }
-        if labels is not None:
-            out["loss"] = shifted_lm_loss(logits, labels)
-        return out
+    backbone_class = GPT2Backbone
+    embedding_attr = "wte"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flagc.models.base import BaseModel, WeightMap, WeightRule, shifted_lm_loss
+from flagc.models.base import CausalLMModel, WeightMap, WeightRule
 from flagc.models.config import LlamaConfig
 from flagc.models.layers import (
     KV,
@@ -107,42 +107,13 @@ LLAMA_RULES = WeightMap(
 )
 
 
-class LlamaForCausalLM(BaseModel):
+class LlamaForCausalLM(CausalLMModel):
     """LLaMA / Qwen2 language model with past-KV decoding."""
 
     config_class = LlamaConfig
     weight_map = LLAMA_RULES
-
-    def __init__(self, config: LlamaConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.model = LlamaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed.weight
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        labels=None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Returns logits [batch, seq, vocab], hidden_states, past_key_values (+ loss)."""
-        hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
-        logits = self.lm_head(hidden)
-        out: dict[str, Any] = {
-            "logits": logits,
-            "hidden_states": hidden,
-            "past_key_values": presents,
-        }
-        if labels is not None:
-            out["loss"] = shifted_lm_loss(logits, labels)
-        return out
+    backbone_class = LlamaBackbone
+    embedding_attr = "embed"
 
 
 Qwen2ForCausalLM = LlamaForCausalLM
