@@ -253,8 +253,32 @@ class BertModel(_BertTask):
         }
 
 
-class BertForSequenceClassification(_BertTask):
+class _BertHeadTask(_BertTask):
+    """An encoder plus `self.head`; `head_loss(logits, labels)` gives the loss with labels."""
+
+    head_loss: Any = staticmethod(cross_entropy_loss)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.head(hidden)
+        out = {"logits": logits, "hidden_states": hidden}
+        if labels is not None:
+            out["loss"] = self.head_loss(logits, labels)
+        return out
+
+
+class BertForSequenceClassification(_BertHeadTask):
     """Classification / semantic matching (sentence pairs separated by token_type_ids)."""
+
+    head_loss = staticmethod(classification_loss)
 
     weight_map = (
         WeightMap(
@@ -273,24 +297,8 @@ class BertForSequenceClassification(_BertTask):
         head_cls = SEQUENCE_CLASSIFIER_HEADS[config.sequence_head]
         self.head = head_cls(config.hidden_size, config.num_labels, self._dropout)
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.head(hidden)
-        out = {"logits": logits, "hidden_states": hidden}
-        if labels is not None:
-            out["loss"] = classification_loss(logits, labels)
-        return out
 
-
-class BertForTokenClassification(_BertTask):
+class BertForTokenClassification(_BertHeadTask):
     """Per-token labels: NER and sequence labeling."""
 
     weight_map = (
@@ -303,22 +311,6 @@ class BertForTokenClassification(_BertTask):
     def __init__(self, config: BertConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.head = TokenClassifierHead(config.hidden_size, config.num_labels, self._dropout)
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.head(hidden)
-        out = {"logits": logits, "hidden_states": hidden}
-        if labels is not None:
-            out["loss"] = cross_entropy_loss(logits, labels)
-        return out
 
 
 class BertForEmbedding(_BertTask):
