@@ -6,7 +6,6 @@ embeddings); `Qwen2ForCausalLM` is an alias kept for readability.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
