@@ -1,7 +1,9 @@
 """Weight stores: a uniform, lazy view of checkpoint tensors by name.
 
-A store answers `names()`, `info(name) -> (dtype, shape)` without reading tensor data, and
-`source(name, transform)` returns a WeightSource that loads one tensor as float32 numpy when called.
+A store answers `names()`, `shapes()` and `info(name) -> (dtype, shape)` without reading tensor
+data; `tensor(name)` returns one tensor as stored (torch, original dtype) and `source(name,
+transform)` a WeightSource that loads it as float32 numpy when called (for lowering). It is the one
+checkpoint reader: the graph DSL and the zoo's `BaseModel.load_weights` both use it.
 Safetensors and GGUF are memory-mapped; pytorch_model.bin is loaded with `weights_only=True, mmap=True`.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -27,10 +29,28 @@ class WeightStore:
 
     def __init__(self, origin: str):
         self.origin = origin
-        self._index: dict[str, tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = {}
+        self._index: dict[str, tuple[str, tuple[int, ...], Callable[[], Any]]] = {}
 
     def names(self) -> list[str]:
         return list(self._index)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape for name, (_, shape, _) in self._index.items()}
+
+    def tensor(self, name: str):
+        """One tensor as stored (a torch tensor in the checkpoint's dtype)."""
+        import torch
+
+        if name not in self._index:
+            raise CheckpointError(self.missing_message(name))
+        try:
+            value = self._index[name][2]()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.origin}: {exc}") \
+                from exc
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -49,17 +69,10 @@ class WeightStore:
     def source(self, name: str, transform: Transform = None) -> WeightSource:
         if name not in self._index:
             raise CheckpointError(self.missing_message(name))
-        _, _, load = self._index[name]
         origin = f"{self.origin}:{name}"
 
         def read() -> np.ndarray:
-            try:
-                arr = load()
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(f"cannot read tensor {name!r} from {self.origin}: {exc}") \
-                    from exc
+            arr = _to_f32_numpy(self.tensor(name))
             return transform(arr) if transform else arr
 
         return WeightSource(read, origin)
@@ -96,7 +109,7 @@ class SafetensorsStore(WeightStore):
                 continue
             shape = tuple(int(d) for d in meta["shape"])
             self._index[name] = (str(meta["dtype"]), shape,
-                                 (lambda n=name: _to_f32_numpy(handle.get_tensor(n))))
+                                 (lambda n=name: handle.get_tensor(n)))
 
 
 def _read_safetensors_header(path: str) -> dict:
@@ -143,13 +156,15 @@ class TorchBinStore(WeightStore):
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
+            # FlagAI's own checkpoints wrap the state dict as {"module": {...}}.
+            if isinstance(sd, dict) and set(sd) == {"module"} and isinstance(sd["module"], dict):
+                sd = sd["module"]
             if not isinstance(sd, dict):
-                raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+                raise CheckpointError(f"{path} does not hold a state dict ({type(sd).__name__})")
             for name, t in sd.items():
-                if not hasattr(t, "shape"):
-                    continue
-                self._index[name] = (str(t.dtype).replace("torch.", ""), tuple(t.shape),
-                                     (lambda t=t: _to_f32_numpy(t)))
+                if isinstance(t, torch.Tensor):
+                    self._index[name] = (str(t.dtype).replace("torch.", ""), tuple(t.shape),
+                                         (lambda t=t: t))
 
 
 class MappedStore(WeightStore):
@@ -163,23 +178,21 @@ class MappedStore(WeightStore):
         self._index[name] = (dtype, tuple(shape), load)
 
 
-def open_weight_store(folder: str) -> WeightStore:
-    """The weights of a Hugging Face style folder: safetensors preferred, then pytorch_model.bin."""
+def open_weight_store(path: str | os.PathLike) -> WeightStore:
+    """The weights of a Hugging Face style folder (safetensors preferred, then pytorch_model.bin),
+    or of one weight file or shard index given directly."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if path.endswith(".index.json"):
+            return _from_index(path)
+        return (SafetensorsStore if path.endswith(".safetensors") else TorchBinStore)([path])
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    folder = path
     entries = sorted(os.listdir(folder))
-    for index_name, cls in (("model.safetensors.index.json", SafetensorsStore),
-                            ("pytorch_model.bin.index.json", TorchBinStore)):
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index_name in entries:
-            path = os.path.join(folder, index_name)
-            try:
-                weight_map = json.load(open(path))["weight_map"]
-            except Exception as exc:
-                raise CheckpointError(f"{path}: bad index file: {exc}") from exc
-            files = sorted({os.path.join(folder, f) for f in weight_map.values()})
-            for f in files:
-                if not os.path.isfile(f):
-                    raise CheckpointError(f"{path} names shard {os.path.basename(f)}, "
-                                          "which is missing")
-            return cls(files)
+            return _from_index(os.path.join(folder, index_name))
     st = [os.path.join(folder, e) for e in entries if e.endswith(".safetensors")]
     if st:
         return SafetensorsStore(st)
@@ -188,3 +201,19 @@ def open_weight_store(folder: str) -> WeightStore:
         return TorchBinStore(bins)
     raise CheckpointError(f"{folder}: no weights found (expected *.safetensors or "
                           "pytorch_model.bin)")
+
+
+def _from_index(path: str) -> WeightStore:
+    """A sharded checkpoint from its `*.index.json` (the shards' format from their names)."""
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except Exception as exc:
+        raise CheckpointError(f"shard index {path} is invalid: {exc!r}") from exc
+    folder = os.path.dirname(path)
+    files = sorted({os.path.join(folder, f) for f in weight_map.values()})
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        raise CheckpointError(f"shard index {path} names missing shard files {missing}")
+    cls = SafetensorsStore if all(f.endswith(".safetensors") for f in files) else TorchBinStore
+    return cls(files)

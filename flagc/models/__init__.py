@@ -17,7 +17,6 @@ from flagc.models.auto_loader import AutoLoader
 from flagc.models.base import (
     TRANSPOSE,
     BaseModel,
-    CheckpointReader,
     Transform,
     WeightMap,
     WeightRule,
@@ -90,7 +89,6 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
-    "CheckpointReader",
     "Family",
     "GPT2Config",
     "GPT2LMHeadModel",

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flagc.checkpoints.stores import open_weight_store
 from flagc.errors import CheckpointError, ConfigError
 from flagc.models.config import ModelConfig, read_config_json
 
 __all__ = [
     "BaseModel",
-    "CheckpointReader",
     "Transform",
     "TRANSPOSE",
     "WeightRule",
@@ -101,100 +101,6 @@ class WeightMap:
                 target = None if rule.target is None else regex.sub(rule.target, name)
                 return target, rule.transform
         return name, None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint reading: safetensors (memory-mapped, sharded) or pytorch_model.bin
-# ---------------------------------------------------------------------------------------------
-_WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-
-
-class CheckpointReader:
-    """Lists tensor names and shapes without loading data, then hands out tensors one by one."""
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            for candidate in _WEIGHT_FILES:
-                if (path / candidate).is_file():
-                    path = path / candidate
-                    break
-            else:
-                raise CheckpointError(
-                    f"no weights in {path}: expected one of {list(_WEIGHT_FILES)}"
-                )
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} does not exist")
-        self.path = path
-        self._where: dict[str, Path] = {}  # tensor name -> file holding it
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._handles: dict[Path, Any] = {}
-        if path.name.endswith(".index.json"):
-            try:
-                index = json.loads(path.read_text(encoding="utf-8"))
-                weight_map = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"shard index {path} is invalid: {exc!r}") from exc
-            files = {path.parent / f for f in weight_map.values()}
-            missing = sorted(str(f) for f in files if not f.is_file())
-            if missing:
-                raise CheckpointError(f"shard index {path} names missing shard files {missing}")
-            for f in sorted(files):
-                self._open(f)
-        else:
-            self._open(path)
-
-    def _open(self, file: Path) -> None:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open  # noqa: PLC0415 - keep import cost off flagc import
-
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-                shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
-            except Exception as exc:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from exc
-        else:
-            try:
-                # mmap + weights_only: no code execution, no full copy into RAM.
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CheckpointError(f"cannot read PyTorch checkpoint {file}: {exc}") from exc
-            # FlagAI's own checkpoints wrap the state dict as {"module": {...}}.
-            if (
-                isinstance(state, dict)
-                and set(state) == {"module"}
-                and isinstance(state["module"], dict)
-            ):
-                state = state["module"]
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{file} does not hold a state dict ({type(state).__name__})")
-            handle = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            shapes = {n: tuple(t.shape) for n, t in handle.items()}
-        self._handles[file] = handle
-        for name in shapes:
-            self._where[name] = file
-        self._shapes.update(shapes)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape, for every tensor in the checkpoint."""
-        return dict(self._shapes)
-
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped where the format allows)."""
-        file = self._where[name]
-        handle = self._handles[file]
-        if isinstance(handle, dict):
-            return handle[name]
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +242,7 @@ class BaseModel(nn.Module):
         mis-shaped or doubly-supplied tensor is reported in a single CheckpointError before
         any parameter is touched.
         """
-        reader = CheckpointReader(path)
+        reader = open_weight_store(path)
         expected, aliases = self._expected_tensors()
         plan: dict[str, tuple[str, Transform | None]] = {}
         unexpected: list[str] = []
@@ -366,7 +272,7 @@ class BaseModel(nn.Module):
             heads = [n for n in missing if n.startswith(self.head_prefixes)]
             if heads:
                 warnings.warn(
-                    f"{reader.path}: task-head tensors left randomly initialised: {heads}",
+                    f"{reader.origin}: task-head tensors left randomly initialised: {heads}",
                     stacklevel=2,
                 )
             missing = [n for n in missing if n not in heads]
@@ -381,11 +287,11 @@ class BaseModel(nn.Module):
                 problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
         if problems:
             raise CheckpointError(
-                f"checkpoint {reader.path} does not fit {type(self).__name__}; "
+                f"checkpoint {reader.origin} does not fit {type(self).__name__}; "
                 + "; ".join(problems)
             )
         for target, (ck_name, transform) in plan.items():
-            tensor = reader.get(ck_name)
+            tensor = reader.tensor(ck_name)
             if transform is not None:
                 tensor = transform.apply(tensor)
             _write_tensor(self, target, tensor, expected[target])
