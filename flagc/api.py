@@ -22,9 +22,6 @@ from flagc.lower.targets import get_target
 
 __all__ = ["build", "load", "BuildResult"]
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
-
-
 class BuildResult(dict):
     """The manifest of the artifact just built (a dict), plus `path`."""
 
@@ -88,8 +85,9 @@ def _graph_name(source: ModelSource) -> str:
 
 
 def _load_tokenizer(source: ModelSource):
-    if source.kind == "hf-folder" and not any(
-            os.path.exists(os.path.join(source.path, f)) for f in TOKENIZER_FILES):
+    from flagc.runtimes.tokenizer_hf import has_tokenizer_source
+
+    if source.kind == "hf-folder" and not has_tokenizer_source(source.path):
         return None  # e.g. a test model saved without tokenizer: the artifact takes token ids
     return source.load_tokenizer()
 

@@ -293,6 +293,13 @@ def _spm_specials(proto_path: Path) -> dict[str, str | None]:
     return {k: proto.pieces[i].piece if 0 <= i < n else None for k, i in ids.items()}
 
 
+def has_tokenizer_source(folder: Path) -> bool:
+    """Whether `folder` holds any file a tokenizer can be built from (see `_find_source`)."""
+    folder = Path(folder)
+    names = ("tokenizer.json", "vocab.txt", "vocab.json")
+    return any((folder / n).is_file() for n in names) or any(folder.glob("*.model"))
+
+
 def _find_source(folder: Path):
     """(path, builder) of the first tokenizer source present in `folder`."""
     if (folder / "tokenizer.json").is_file():
