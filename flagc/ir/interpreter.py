@@ -38,17 +38,13 @@ def bind_symbols(graph: Graph, feeds: Mapping[str, torch.Tensor]) -> dict[str, i
                 if d != actual:
                     raise RuntimeInputError(f"input {v.name!r}: expected {v.type}, got shape "
                                             f"{tuple(shape)}")
-            elif len(d.symbols) == 1 and list(d.terms) == [next(iter(d.terms))]:
-                (mono, coeff), = d.terms.items()
-                if len(mono) == 1 and coeff == 1:
-                    name = mono[0]
-                    if name in bindings and bindings[name] != actual:
-                        raise RuntimeInputError(
-                            f"input {v.name!r}: dim {name}={actual} conflicts with {name}="
-                            f"{bindings[name]} from another input")
-                    bindings[name] = int(actual)
-                else:
-                    pending.append((v, d, actual))
+            elif list(d.terms.items()) == [((next(iter(d.symbols)),), 1)]:  # a bare symbol
+                name = next(iter(d.symbols))
+                if name in bindings and bindings[name] != actual:
+                    raise RuntimeInputError(
+                        f"input {v.name!r}: dim {name}={actual} conflicts with {name}="
+                        f"{bindings[name]} from another input")
+                bindings[name] = int(actual)
             else:
                 pending.append((v, d, actual))
     # Composite dims (past+seq) can bind one remaining unknown symbol.
