@@ -157,15 +157,9 @@ def models():
     typer.echo("tasks: " + ", ".join(task_names()))
 
 
-def _register_extensions() -> None:
-    try:
-        from flagc.bench.command import register
-    except ImportError:
-        return
-    register(app)
+from flagc.bench.command import register as _register_bench  # noqa: E402
 
-
-_register_extensions()
+_register_bench(app)
 
 if __name__ == "__main__":
     app()
