@@ -15,7 +15,7 @@ from flagc.ir.graph import Graph, Value
 from flagc.ir.ops import opdef
 from flagc.ir.symbolic import eval_dim
 
-__all__ = ["interpret"]
+__all__ = ["interpret", "interpret_all"]
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -64,6 +64,13 @@ def bind_symbols(graph: Graph, feeds: Mapping[str, torch.Tensor]) -> dict[str, i
 def interpret(graph: Graph, feeds: Mapping[str, Any],
               weights: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Run the graph; feeds by input name, weights loaded lazily unless given explicitly."""
+    return interpret_all(graph, feeds, weights)[0]
+
+
+def interpret_all(graph: Graph, feeds: Mapping[str, Any],
+                  weights: Mapping[str, Any] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[Value, torch.Tensor]]:
+    """Like `interpret`, also returning every value computed (for pass checking/calibration)."""
     missing = [v.name for v in graph.inputs if v.name not in feeds]
     if missing:
         raise RuntimeInputError(f"missing graph inputs: {missing}")
@@ -84,4 +91,4 @@ def interpret(graph: Graph, feeds: Mapping[str, Any],
         outs = result if isinstance(result, tuple) else (result,)
         for v, t in zip(n.outputs, outs):
             env[v] = t
-    return {k: env[v] for k, v in graph.outputs.items()}
+    return {k: env[v] for k, v in graph.outputs.items()}, env

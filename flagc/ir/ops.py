@@ -56,6 +56,7 @@ class Op(Enum):
     # normalization and reductions
     LAYER_NORM = "layer_norm"
     RMS_NORM = "rms_norm"
+    ADD_NORM = "add_norm"
     SOFTMAX = "softmax"
     REDUCE_SUM = "reduce_sum"
     REDUCE_MEAN = "reduce_mean"
@@ -351,6 +352,35 @@ _define(Op.LAYER_NORM, ["x", "weight", "bias?"], {"eps": 1e-5}, _norm_infer("lay
         _t_layer_norm)
 _define(Op.RMS_NORM, ["x", "weight"], {"eps": 1e-6, "offset": 0.0}, _norm_infer("rms_norm"),
         _t_rms_norm, doc="x / rms(x) * (weight + offset), computed in fp32.")
+
+
+NORM_KINDS = ("rms", "layer")
+
+
+def _add_norm_infer(types, attrs):
+    x, residual, w, b = types
+    if attrs["kind"] not in NORM_KINDS:
+        raise IRError(f"add_norm: kind must be one of {NORM_KINDS}, got {attrs['kind']!r}")
+    if attrs["kind"] == "rms" and b is not None:
+        raise IRError("add_norm: an rms norm takes no bias")
+    total = _binary([x, residual], attrs)[0]
+    if total.shape != x.shape:
+        raise IRError(f"add_norm: residual {residual} must not broadcast x {x}")
+    _norm_infer("add_norm")([total, w, b], attrs)
+    return [total, total]
+
+
+def _t_add_norm(x, residual, w, b=None, *, kind, eps):
+    total = x + residual
+    if kind == "rms":
+        return _t_rms_norm(total, w, eps=eps, offset=0.0), total
+    return _t_layer_norm(total, w, b, eps=eps), total
+
+
+_define(Op.ADD_NORM, ["x", "residual", "weight", "bias?"], {"kind": REQUIRED, "eps": REQUIRED},
+        _add_norm_infer, _t_add_norm, num_outputs=lambda attrs: 2,
+        doc="Residual add then norm: outputs (norm(x + residual), x + residual). Lowered to "
+            "onnxruntime's SkipSimplifiedLayerNormalization / SkipLayerNormalization.")
 
 
 def _softmax_infer(types, attrs):

@@ -35,7 +35,7 @@ def _value_info(name: str, v: Value) -> onnx.ValueInfoProto:
 
 def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]:
     em = OnnxEmitter(target.opset)
-    ctx = LowerContext(em, weight_dtype=lambda v: v.dtype)
+    ctx = LowerContext(em, weight_dtype=lambda v: v.dtype, contrib_ops=target.contrib_ops)
     for name in graph.weights:
         ctx.weight_loaders[name] = (lambda n=name: graph.load_weight(n))
     for v in graph.inputs:

@@ -25,8 +25,10 @@ NEG_INF_F32 = float(np.finfo(np.float32).min)  # finite "minus infinity": masked
 class LowerContext:
     """What a lowering function may use: the emitter, names of IR values, weight access."""
 
-    def __init__(self, em: OnnxEmitter, weight_dtype: Callable[[Value], DType]):
+    def __init__(self, em: OnnxEmitter, weight_dtype: Callable[[Value], DType],
+                 contrib_ops: bool = False):
         self.em = em
+        self.contrib_ops = contrib_ops  # may emit onnxruntime's com.microsoft fused ops
         self.names: dict[Value, str] = {}
         self.weight_dtype = weight_dtype
         self.weight_loaders: dict[str, Callable[[], np.ndarray]] = {}
@@ -132,9 +134,29 @@ def _rms_norm(ctx, node, ins, outs):
     em, x, w = ctx.em, ins[0], ins[1]
     ms = em.op("ReduceMean", [em.op("Pow", [x, _scalar(ctx, node, 2.0)])], axes=[-1], keepdims=1)
     inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [ms, _scalar(ctx, node, node.attrs["eps"])])])])
-    if node.attrs["offset"]:
+    if node.attrs.get("offset"):
         w = em.op("Add", [w, _scalar(ctx, node, node.attrs["offset"])])
     em.op("Mul", [em.op("Mul", [x, inv]), w], outs)
+
+
+def _add_norm(ctx, node, ins, outs):
+    em = ctx.em
+    kind, eps = node.attrs["kind"], float(node.attrs["eps"])
+    if ctx.contrib_ops:
+        # onnxruntime's fused kernels: outputs (out, mean, inv_std_var, input_skip_bias_sum).
+        if kind == "rms":
+            em.op("SkipSimplifiedLayerNormalization", ins[:3], [outs[0], "", "", outs[1]],
+                  domain="com.microsoft", epsilon=eps)
+        else:
+            em.op("SkipLayerNormalization", ins[:4], [outs[0], "", "", outs[1]],
+                  domain="com.microsoft", epsilon=eps)
+        return
+    em.op("Add", ins[:2], [outs[1]])
+    norm_ins = [outs[1]] + list(ins[2:])
+    if kind == "rms":
+        _rms_norm(ctx, node, norm_ins, [outs[0]])
+    else:
+        _layer_norm(ctx, node, norm_ins, [outs[0]])
 
 
 def _softmax(ctx, node, ins, outs):
@@ -316,6 +338,7 @@ lower_onnx.update({
     Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm,
     Op.RMS_NORM: _rms_norm,
+    Op.ADD_NORM: _add_norm,
     Op.SOFTMAX: _softmax,
     Op.REDUCE_SUM: _reduce("ReduceSum", axes_as_input=True),
     Op.REDUCE_MEAN: _reduce("ReduceMean", axes_as_input=False),
