@@ -20,7 +20,7 @@ from flagc.ir.graph import Graph
 from flagc.ir.symbolic import dim_str
 from flagc.lower.targets import get_target
 
-__all__ = ["build", "load", "BuildResult"]
+__all__ = ["build", "plan", "load", "BuildResult"]
 
 class BuildResult(dict):
     """The manifest of the artifact just built (a dict), plus `path`."""
@@ -32,7 +32,10 @@ class BuildResult(dict):
 
 def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           custom: Optional[str] = None, max_seq: Optional[int] = None, max_batch: int = 8,
-          task: str = "text-generation", overwrite: bool = True) -> BuildResult:
+          task: str = "text-generation", overwrite: bool = True,
+          dump_ir: Optional[str] = None, check: bool = False,
+          passes: Optional[list[str]] = None, random_weights: bool = False, seed: int = 0,
+          check_resources: bool = True) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
     Args:
@@ -44,21 +47,30 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         max_seq: the longest context (prompt + generated) the artifact accepts; defaults to
             min(the model's max positions, 4096).
         max_batch: the largest batch the runtime will size its cache for.
+        dump_ir: a folder to write the IR after each pass (`NN-pass.ir`).
+        check: run the IR interpreter before and after each pass on random inputs and stop at
+            the first pass whose result diverges.
+        passes: an explicit pass list instead of the target's pipeline (debugging).
+        random_weights: ignore any checkpoint and generate seeded random weights lazily;
+            `model` may then also be a zoo hub name (e.g. "GLM-10b-ch").
+        seed: the random weights' seed.
+        check_resources: refuse (ResourceError) before starting when the build's estimated
+            peak memory or disk use exceeds what the machine has (see `plan`).
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
-    source = open_model_source(model)
-    cls = load_custom_model(custom) if custom else builtin_model_class(source.model_type)
-    graph, config = build_custom_graph(cls, source.config, source.weights,
-                                       name=_graph_name(source))
+    source, graph, config, graph_source = _frontend(model, custom, random_weights, seed)
     positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
     if max_seq is None:
         max_seq = min(positions, 4096)
     if not 1 <= max_seq <= positions:
         raise ConfigError(f"--max-seq {max_seq} must be between 1 and the model's max positions "
                           f"{positions}")
+    if check_resources:
+        _plan(source, graph, graph_source, tgt, output, passes).check()
+    pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes)
     tokenizer = _load_tokenizer(source)
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx
@@ -67,9 +79,47 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         tok_files = tokenizer.save(tmp) if tokenizer is not None else []
         manifest = _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq,
                              max_batch, task, time.perf_counter() - t0)
+        manifest["build"]["passes"] = [p.as_dict() for p in pass_stats]
+        manifest["build"]["declined_rewrites"] = pass_ctx.declined
+        if pass_ctx.plan:
+            manifest["precision_plan"] = pass_ctx.plan
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)
+
+
+def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
+         custom: Optional[str] = None, passes: Optional[list[str]] = None,
+         random_weights: bool = False, seed: int = 0):
+    """What `build` with these arguments would do and cost (flagc.build_plan.BuildPlan), without
+    reading any weight: `flagc build --dry-run`."""
+    tgt = get_target(target)
+    source, graph, _, graph_source = _frontend(model, custom, random_weights, seed)
+    return _plan(source, graph, graph_source, tgt, output, passes)
+
+
+def _frontend(model: str, custom: Optional[str], random_weights: bool, seed: int):
+    """(source, graph, config, description) for a model path or, with random weights, a name."""
+    if random_weights:
+        from flagc.checkpoints.random_store import random_model_source
+
+        source = random_model_source(model, seed)
+    else:
+        source = open_model_source(model)
+    cls = load_custom_model(custom) if custom else builtin_model_class(source.model_type)
+    graph, config = build_custom_graph(cls, source.config, source.weights,
+                                       name=_graph_name(source))
+    return source, graph, config, f"graph DSL {cls.__name__}"
+
+
+def _plan(source: ModelSource, graph: Graph, graph_source: str, tgt, output: str,
+          passes: Optional[list[str]]):
+    from flagc.build_plan import plan_build
+
+    what = (f"random weights, seed {source.extra['seed']}" if source.kind == "random"
+            else f"{source.kind} {source.path}")
+    return plan_build(graph, tgt, output, model=str(source.path), source=what,
+                      graph_source=graph_source, passes=passes)
 
 
 def load(path: str, device: str = "cpu", threads: Optional[int] = None):
@@ -77,6 +127,13 @@ def load(path: str, device: str = "cpu", threads: Optional[int] = None):
     from flagc.runtimes.model import load_artifact
 
     return load_artifact(path, device=device, threads=threads)
+
+
+def _optimize(graph: Graph, target, dump_ir: Optional[str], check: bool,
+              passes: Optional[list[str]]):
+    from flagc.passes import optimize
+
+    return optimize(graph, target, {"passes": passes}, dump_dir=dump_ir, check=check)
 
 
 def _graph_name(source: ModelSource) -> str:
