@@ -1,23 +1,26 @@
-"""The decoder generation loop: left-padded batches, KV cache carried between steps, sampling,
-stop tokens/strings and streaming.
+"""The decoder generation loops: sampling (greedy included) and beam search, over a CachedDecoder.
 
-Position ids come from the attention mask (cumsum - 1), so a left-padded row computes exactly what
-it would alone. The cache is the engine's `present.*` outputs fed back as the next `past_*`.
+Both take token-id prompts of any lengths (left-padded into one batch; position ids come from each
+row's own count of tokens, so a padded row computes what it would alone), run the prompt once and
+then one token per step against the KV cache, and return one GenerationResult per prompt.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from flagc.errors import RuntimeInputError
-from flagc.runtimes.sampling import Sampler, SamplingParams
+from flagc.errors import RuntimeInputError, SamplingError
+from flagc.runtimes.beam_search import BeamSearch, log_softmax
+from flagc.runtimes.decoder import CachedDecoder, check_prompts, left_pad, positions_from_mask
+from flagc.runtimes.kv_cache import KVLayout
+from flagc.runtimes.sampling import Sampler, SamplingParams, check_finite_logits
 from flagc.runtimes.stopping import StopChecker
 
-__all__ = ["GenerationResult", "generate_tokens", "KVLayout"]
+__all__ = ["GenerationResult", "generate_tokens", "KVLayout", "left_pad", "positions_from_mask"]
 
 
 @dataclass
@@ -27,77 +30,62 @@ class GenerationResult:
     finish_reason: str  # "stop" (stop token or string) | "length"
     prompt_tokens: int
     timings: dict[str, Any] = field(default_factory=dict)
+    score: Optional[float] = None  # beam search: the length-penalized score of the best beam
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-
-    @staticmethod
-    def from_manifest(manifest: dict[str, Any]) -> "KVLayout":
-        kv = manifest["kv_cache"]
-        return KVLayout(kv["layers"], kv["kv_heads"], kv["head_dim"], kv["dtype"])
-
-    def empty(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        out = {}
-        for i in range(self.layers):
-            out[f"past_key_values.{i}.key"] = np.zeros(shape, dtype=self.dtype)
-            out[f"past_key_values.{i}.value"] = np.zeros(shape, dtype=self.dtype)
-        return out
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, p in enumerate(prompts):
-        if len(p):
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
-
-
-def generate_tokens(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-                    layout: KVLayout, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    *, vocab_size: int, max_seq: int, eos_token_ids: Sequence[int] = (),
+def generate_tokens(decoder: CachedDecoder, prompts: Sequence[Sequence[int]],
+                    params: SamplingParams, *, max_seq: int, eos_token_ids: Sequence[int] = (),
                     pad_id: int = 0, decode: Callable | None = None,
                     on_text: Callable[[int, str], None] | None = None,
-                    ) -> list[GenerationResult]:
-    """Generate for a batch of token-id prompts; `run(feeds) -> outputs` is the engine."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise RuntimeInputError("every prompt needs at least one token")
+                    resume: bool = False) -> list[GenerationResult]:
+    """Generate for a batch of token-id prompts.
+
+    Args:
+        decoder: the engine and its KV cache.
+        params: validated sampling/beam parameters.
+        max_seq: the artifact's context limit (prompt + generated tokens).
+        eos_token_ids: the model's end ids (in addition to params.stop_token_ids).
+        decode: tokenizer decode (ids, skip_special_tokens=) -> str, for text and stop strings.
+        on_text: streaming callback (row, new text).
+        resume: one prompt that extends the conversation in the cache: only the tokens after the
+            longest cached prefix are run (chat).
+    """
+    check_prompts(prompts, max_seq, decoder.vocab_size)
     longest = max(len(p) for p in prompts)
-    if longest > max_seq:
-        raise RuntimeInputError(f"prompt of {longest} tokens is longer than the artifact's "
-                                f"max sequence length {max_seq} (rebuild with a larger --max-seq)")
     budget = min(params.max_new_tokens, max_seq - longest)
     if budget < 1:
         raise RuntimeInputError(f"prompt of {longest} tokens leaves no room to generate within "
-                                f"max sequence length {max_seq}")
+                                f"the artifact's max sequence length {max_seq}")
+    if resume and len(prompts) != 1:
+        raise RuntimeInputError("resuming a cached conversation takes exactly one prompt")
+    stop_ids = tuple(int(t) for t in eos_token_ids) + tuple(params.stop_token_ids)
+    if params.num_beams > 1:
+        return _beam_search(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
+                            resume)
+    return _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text, resume)
+
+
+def _start(decoder, prompts, pad_id, reserve, resume, rows=None):
+    if resume:
+        logits, _ = decoder.resume(prompts[0], reserve)
+        return logits
+    return decoder.prefill(prompts, pad_id, reserve, rows=rows)
+
+
+def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text, resume):
     batch = len(prompts)
-    sampler = Sampler(params, vocab_size, eos_token_ids)
+    sampler = Sampler(params, decoder.vocab_size, stop_ids)
     sampler.begin(prompts)
-    stops = StopChecker(tuple(eos_token_ids) + tuple(params.stop_token_ids), params.stop_strings,
-                        decode)
+    stops = StopChecker(stop_ids, params.stop_strings, decode)
     stops.begin(batch)
-    ids, mask = left_pad(prompts, pad_id)
-    feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask,
-                                    "position_ids": positions_from_mask(mask)}
-    feeds.update(layout.empty(batch))
     generated: list[list[int]] = [[] for _ in range(batch)]
     start = time.perf_counter()
     token_times: list[float] = []
+    logits = _start(decoder, prompts, pad_id, max(len(p) for p in prompts) + budget, resume)
     for step in range(budget):
-        out = run(feeds)
-        tokens = sampler.step(out["logits"][:, -1, :])
+        if step:
+            logits = decoder.append(tokens)
+        tokens = sampler.step(logits)
         token_times.append(time.perf_counter() - start)
         was_stopped = stops.stopped.copy()
         now_stopped = stops.update(tokens)
@@ -109,15 +97,8 @@ def generate_tokens(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
                 piece = stops.pop_text(int(row))
                 if piece:
                     on_text(int(row), piece)
-        if now_stopped.all() or step == budget - 1:
+        if now_stopped.all():
             break
-        last_pos = feeds["position_ids"][:, -1:]
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        feeds = {"input_ids": tokens.reshape(batch, 1).astype(np.int64),
-                 "attention_mask": mask, "position_ids": last_pos + 1}
-        for i in range(layout.layers):
-            feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
-            feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
     results = []
     for row in range(batch):
         stopped = bool(stops.stopped[row])
@@ -127,10 +108,56 @@ def generate_tokens(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
             rest = stops.pop_text(row)
             if rest:
                 on_text(row, rest)
-        text = stops.text(row) if decode is not None else None
         results.append(GenerationResult(
-            token_ids=generated[row], text=text,
+            token_ids=generated[row], text=stops.text(row) if decode is not None else None,
             finish_reason="stop" if stopped else "length", prompt_tokens=len(prompts[row]),
-            timings={"prefill_s": token_times[0] if token_times else 0.0,
-                     "token_times_s": list(token_times)}))
+            timings=_timings(token_times)))
     return results
+
+
+def _beam_search(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text, resume):
+    """transformers' beam search (see beam_search.py) with the cache reordered every step."""
+    if params.stop_strings:
+        raise SamplingError(f"stop_strings={params.stop_strings!r} cannot be used with "
+                            f"num_beams={params.num_beams}; use stop_token_ids")
+    if on_text is not None:
+        raise SamplingError(f"streaming cannot be used with num_beams={params.num_beams}: the "
+                            "best beam is only known at the end")
+    batch, beams = len(prompts), params.num_beams
+    search = BeamSearch(batch, beams, stop_ids, length_penalty=params.length_penalty,
+                        early_stopping=params.early_stopping, max_new_tokens=budget,
+                        pad_token_id=pad_id, min_new_tokens=params.min_new_tokens)
+    # Penalties act on log-probabilities, as transformers' logits processors do in beam search;
+    # EOS suppression (min_new_tokens) is BeamSearch's job.
+    sampler = Sampler(replace(params, min_new_tokens=0), decoder.vocab_size, stop_ids)
+    sampler.begin(prompts)
+    start = time.perf_counter()
+    token_times: list[float] = []
+    logits = _start(decoder, prompts, pad_id, max(len(p) for p in prompts) + budget, resume,
+                    rows=batch * beams)
+    while True:
+        check_finite_logits(logits, search.num_generated)
+        tokens, rows, done = search.step(sampler.penalize(log_softmax(logits)))
+        token_times.append(time.perf_counter() - start)
+        if done:
+            break
+        decoder.reorder(rows)
+        sampler.reorder(rows)
+        sampler.record(tokens)
+        logits = decoder.append(tokens)
+    scores = search.scores()
+    results = []
+    for item, hyps in enumerate(search.finalize()):
+        ids = hyps[0]
+        stopped = bool(ids) and ids[-1] in stop_ids
+        ids = ids[:-1] if stopped else ids
+        results.append(GenerationResult(
+            token_ids=ids, text=decode(ids, skip_special_tokens=True) if decode else None,
+            finish_reason="stop" if stopped else "length", prompt_tokens=len(prompts[item]),
+            timings=_timings(token_times), score=float(scores[item, 0])))
+    return results
+
+
+def _timings(token_times: list[float]) -> dict[str, Any]:
+    return {"prefill_s": token_times[0] if token_times else 0.0,
+            "token_times_s": list(token_times)}

@@ -9,7 +9,9 @@ import numpy as np
 
 from flagc.artifact import read_manifest
 from flagc.errors import ArtifactError, RuntimeInputError
-from flagc.runtimes.generate import KVLayout, generate_tokens, positions_from_mask
+from flagc.runtimes.generate import generate_tokens
+from flagc.runtimes.kv_cache import KVLayout
+from flagc.runtimes.decoder import positions_from_mask
 from flagc.runtimes.sampling import SamplingParams
 
 __all__ = ["LoadedModel", "load_artifact"]
@@ -31,6 +33,7 @@ class LoadedModel:
         self.manifest = manifest
         self.engine = engine
         self._tokenizer = None
+        self._decoder = None
 
     @property
     def tokenizer(self):
@@ -46,6 +49,16 @@ class LoadedModel:
     @property
     def has_tokenizer(self) -> bool:
         return bool(self.manifest.get("tokenizer"))
+
+    @property
+    def decoder(self):
+        """The engine stepped over its KV cache (buffers kept between calls)."""
+        if self._decoder is None:
+            from flagc.runtimes.decoder import CachedDecoder
+
+            self._decoder = CachedDecoder(self.engine, self.manifest,
+                                          getattr(self.engine, "device", "cpu"))
+        return self._decoder
 
     @property
     def max_seq(self) -> int:
@@ -85,10 +98,14 @@ class LoadedModel:
         ids = [int(t) for t in prompt]
         return ids
 
-    def generate(self, prompt_or_ids, *, chat: bool = False, stream=None, **sampling):
+    def generate(self, prompt_or_ids, *, chat: bool = False, stream=None, resume: bool = False,
+                 **sampling):
         """Generate from one prompt (text or token ids) or a list of them.
 
-        Sampling options are keywords (max_new_tokens, temperature, top_k, top_p, seed, ...).
+        Sampling and beam options are keywords (max_new_tokens, temperature, top_k, top_p, seed,
+        repetition_penalty, stop_strings, num_beams, length_penalty, early_stopping, ...; see
+        SamplingParams). `resume` continues the conversation held in the KV cache: only the
+        tokens after the longest cached prefix of the (single) prompt are run.
         Returns a GenerationResult, or a list of them when given a list of prompts.
         """
         single = isinstance(prompt_or_ids, str) or (
@@ -105,10 +122,9 @@ class LoadedModel:
             on_text = (lambda row, piece: stream(piece)) if single else stream
         self.engine.run_seconds, self.engine.run_calls = 0.0, 0
         results = generate_tokens(
-            self.engine.run, KVLayout.from_manifest(self.manifest), ids, params,
-            vocab_size=int(self.manifest["vocab_size"]), max_seq=self.max_seq,
+            self.decoder, ids, params, max_seq=self.max_seq,
             eos_token_ids=gen.get("eos_token_ids", []), pad_id=int(gen.get("pad_token_id") or 0),
-            decode=decode, on_text=on_text)
+            decode=decode, on_text=on_text, resume=resume)
         for r in results:
             r.timings["session_run_s"] = self.engine.run_seconds
             r.timings["session_runs"] = self.engine.run_calls

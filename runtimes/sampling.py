@@ -21,7 +21,7 @@ import numpy as np
 
 from flagc.errors import RuntimeInputError, SamplingError
 
-__all__ = ["SamplingParams", "Sampler", "filter_logits"]
+__all__ = ["SamplingParams", "Sampler", "filter_logits", "check_finite_logits"]
 
 # top-p without top-k first tries the few hundred most likely tokens, then a few thousand; only if
 # those hold less than top_p of the probability mass does it sort the full vocabulary. LM
@@ -284,6 +284,11 @@ def _check_finite(row_max: np.ndarray, step: int) -> None:
         )
 
 
+def check_finite_logits(logits: np.ndarray, step: int) -> None:
+    """Raise a clear error if any row of logits [batch, vocab] has a NaN/inf maximum."""
+    _check_finite(np.asarray(logits).max(axis=1), step)
+
+
 class Sampler:
     """Picks the next token of every row of a batch, and tracks what each row has produced.
 
@@ -389,6 +394,16 @@ class Sampler:
                 first, p.presence_penalty + p.frequency_penalty, p.frequency_penalty
             ).astype(np.float32)
         self.num_generated += 1
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row r continues old row rows[r] (beam search): penalty state follows its row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size = len(rows)
+        if self._seen is not None:
+            self._seen = self._seen[rows]
+            self._seen_flat = np.flatnonzero(self._seen)
+        if self._counts is not None:
+            self._counts, self._offset = self._counts[rows], self._offset[rows]
 
     def _validated(self, logits: np.ndarray) -> np.ndarray:
         x = np.asarray(logits)

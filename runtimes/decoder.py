@@ -1,0 +1,153 @@
+"""One decoder step at a time: an engine plus its KV cache, fed through IO binding.
+
+`prefill` starts a batch (left padding), `append` feeds more tokens to every row (a decode step
+is append of one token), `resume` continues a single conversation from the longest cached prefix,
+`reorder` follows beam search. Each returns the last position's logits [rows, vocab].
+
+The step's small host arrays (ids, mask, positions) are bound as they are; the cache tensors are
+bound as raw buffers (see kv_cache). A one-token step writes its logits into a preallocated host
+buffer too; a longer (prefill) step lets onnxruntime allocate them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from flagc.errors import RuntimeInputError
+
+from .kv_cache import KVCache, KVLayout
+
+__all__ = ["CachedDecoder", "left_pad", "positions_from_mask"]
+
+_LOGITS = "logits"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-align prompts in one [batch, longest] array; returns (ids, mask)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        if len(p):
+            ids[row, width - len(p):] = p
+            mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Position ids of a left-padded batch: each row counts its real tokens from 0."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+class CachedDecoder:
+    """Runs an engine step by step over a KV cache that stays bound in place."""
+
+    def __init__(self, engine, manifest: dict[str, Any], device: str = "cpu",
+                 kernel_copies: bool = False):
+        self.engine = engine
+        self.layout = KVLayout.from_manifest(manifest)
+        dims = manifest["dims"]
+        self.cache = KVCache(self.layout, max_rows=int(dims["max_batch"]),
+                             max_tokens=int(dims["max_seq"]), device=device,
+                             kernel_copies=kernel_copies)
+        self.vocab_size = int(manifest["vocab_size"])
+        outs = {o["name"]: o for o in manifest["io"]["outputs"]}
+        self._logits_dtype = np.dtype({"f16": np.float16, "bf16": np.float32}.get(
+            outs[_LOGITS]["dtype"], np.float32)) if _LOGITS in outs else np.dtype(np.float32)
+        self._binding = engine.binding()
+        self._binding.output_alloc(_LOGITS)  # bound first: outputs()[0] is always the logits
+        self._logits_buf = np.empty(0, dtype=self._logits_dtype)
+        inputs = set(engine.input_names)
+        self._has_positions = "position_ids" in inputs
+
+    # ---- steps -------------------------------------------------------------------------------
+    def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        cache, b = self.cache, self._binding
+        rows, s = ids.shape
+        mask, pos = cache.begin_step(ids, valid)
+        b.input_array("input_ids", ids)
+        b.input_array("attention_mask", mask)
+        if self._has_positions:
+            b.input_array("position_ids", pos)
+        cache.bind(b, s)
+        if s == 1:
+            need = rows * self.vocab_size
+            if self._logits_buf.size < need:
+                self._logits_buf = np.empty(cache.capacity_rows * self.vocab_size,
+                                            dtype=self._logits_dtype)
+            out = self._logits_buf[:need].reshape(rows, 1, self.vocab_size)
+            b.output_buffer(_LOGITS, "cpu", 0, self._logits_dtype, out.shape, out.ctypes.data)
+            self.engine.run_binding(b)
+        else:
+            b.output_alloc(_LOGITS)
+            self.engine.run_binding(b)
+            out = b.outputs()[0].numpy()
+        cache.commit(ids, valid)
+        return out[:, -1, :]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int, reserve: int,
+                rows: int | None = None) -> np.ndarray:
+        """Start a batch from token-id prompts; `reserve` slots (prompt + new tokens) per row.
+
+        `rows` reserves more rows than prompts (beam search expands after this step).
+        """
+        ids, mask = left_pad(prompts, pad_id)
+        self.cache.reset(len(prompts), reserve, rows or 0)
+        return self._run(ids, mask)
+
+    def append(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ids [rows, s] (or [rows] for one token each) to every row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[:, None]
+        return self._run(ids, np.ones_like(ids))
+
+    def resume(self, prompt: Sequence[int], reserve: int) -> tuple[np.ndarray, int]:
+        """Continue a one-row conversation whose full token ids are now `prompt`.
+
+        Keeps the longest cached prefix of `prompt` (at least one token is always fed, since the
+        step must produce logits), trims the rest of the cache and prefills what is new.
+        Returns (logits [1, vocab], number of tokens prefilled).
+        """
+        cache = self.cache
+        if cache.rows != 1 or cache.length == 0:
+            return self.prefill([prompt], 0, reserve), len(prompt)
+        held = cache.row_tokens(0)
+        if len(held) != cache.length:  # padding slots: not a plain conversation
+            return self.prefill([prompt], 0, reserve), len(prompt)
+        keep = _common_prefix(held, prompt)
+        keep = min(keep, len(prompt) - 1)
+        cache.trim(keep)
+        cache.reserve(1, reserve)
+        return self.append(np.asarray(prompt[keep:], dtype=np.int64)[None, :]), len(prompt) - keep
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.cache.reorder(rows)
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the buffers are kept)."""
+        self.cache.rows = self.cache.length = 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_seq: int, vocab_size: int) -> None:
+    """Reject empty prompts, ids outside the vocabulary and prompts over the context limit."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise RuntimeInputError("every prompt needs at least one token")
+    for row, p in enumerate(prompts):
+        if len(p) > max_seq:
+            raise RuntimeInputError(f"prompt {row} has {len(p)} tokens, more than the artifact's "
+                                    f"max sequence length {max_seq} (shorten it or rebuild with "
+                                    "a larger --max-seq)")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise RuntimeInputError(f"prompt {row} holds token id {bad[0]} outside the "
+                                    f"vocabulary [0, {vocab_size})")
