@@ -28,21 +28,42 @@ FORMAT_VERSION = 1
 
 @contextmanager
 def staged_folder(output: str, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temp folder; on success it replaces `output`, on any error it is removed."""
+    """Yield a temp folder; on success it replaces `output`, on any error it is removed.
+
+    SIGTERM / SIGHUP raise KeyboardInterrupt while the folder is open, so a kill cleans up like
+    Ctrl-C. A SIGKILL cannot be caught: the temp folder stays, locked by nobody, and the next
+    build into the same parent folder removes it (see `flagc.build_cleanup`).
+    """
+    from flagc.build_cleanup import hold_build_lock, interrupt_on_signals, remove_stale_builds
+
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(output) and not overwrite:
         raise ArtifactError(f"{output} exists (pass --overwrite to replace it)")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.flagc-tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    remove_stale_builds(output)
+    with interrupt_on_signals():
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.flagc-tmp-{os.getpid()}-",
+                               dir=parent)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the artifact is a normal folder
+        with hold_build_lock(tmp):
+            try:
+                yield tmp
+                _replace(tmp, output)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: str, output: str) -> None:
     if os.path.exists(output):
         if not os.path.isfile(os.path.join(output, MANIFEST)) and os.listdir(output):
-            shutil.rmtree(tmp, ignore_errors=True)
             raise ArtifactError(f"{output} exists and is not a flagc artifact; refusing to "
                                 "replace it")
         trash = output + ".flagc-old"

@@ -33,7 +33,8 @@ def _friendly(fn):
 @app.command()
 @_friendly
 def build(
-    model: str = typer.Option(..., "--model", "-m", help="HF folder or .gguf file"),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="HF folder or .gguf file (with --random-weights: a zoo name)"),
     target: str = typer.Option("onnx-fp32", "--target", "-t", help="e.g. onnx-fp32"),
     output: str = typer.Option(..., "--output", "-o", help="artifact folder to write"),
     custom: Optional[str] = typer.Option(None, "--custom", help="custom model file (graph DSL)"),
@@ -41,14 +42,29 @@ def build(
     max_batch: int = typer.Option(8, "--max-batch", help="largest batch"),
     task: str = typer.Option("text-generation", "--task"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    random_weights: bool = typer.Option(False, "--random-weights",
+                                        help="seeded random weights, no checkpoint needed"),
+    seed: int = typer.Option(0, "--seed", help="seed of --random-weights"),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="print the plan and its memory/disk estimate; build nothing"),
+    force: bool = typer.Option(False, "--force",
+                               help="build even when the estimate says it will not fit"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
     from flagc.progress import set_quiet
 
     set_quiet(quiet)
+    if dry_run:
+        plan = api.plan(model, target, output, custom=custom, random_weights=random_weights,
+                        seed=seed)
+        typer.echo(plan.render())
+        if not force:
+            plan.check()  # the same refusal (and exit status 1) the real build would give
+        return
     result = api.build(model, target, output, custom=custom, max_seq=max_seq,
-                       max_batch=max_batch, task=task)
+                       max_batch=max_batch, task=task, random_weights=random_weights,
+                       seed=seed, check_resources=not force)
     if not quiet:
         g = result["graph"]
         typer.echo(f"built {result.path} ({result['target']['name']}, {g['nodes']} nodes, "

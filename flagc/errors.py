@@ -16,6 +16,7 @@ __all__ = [
     "SamplingError",
     "HubError",
     "ArtifactError",
+    "ResourceError",
 ]
 
 
@@ -57,3 +58,7 @@ class HubError(FlagcError):
 
 class ArtifactError(FlagcError):
     """An artifact folder or engine file is missing, corrupt, or from an incompatible flagc."""
+
+
+class ResourceError(FlagcError):
+    """A build would not fit this machine (memory, disk); refused before anything is written."""
