@@ -38,6 +38,10 @@ class Value:
     def shape(self):
         return self.type.shape
 
+    @property
+    def rank(self) -> int:
+        return len(self.type.shape)
+
     def __repr__(self) -> str:
         return f"Value({self.name or '?'}: {self.type})"
 

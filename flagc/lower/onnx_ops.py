@@ -314,7 +314,10 @@ def _attention(ctx, node, ins, outs):
     additive = _attention_mask(ctx, node, ins, q, K)
     if additive is not None:
         scores = em.op("Add", [scores, additive])
-    if ins[6] is not None:
+    if ins[6] is not None and node.inputs[6].shape[1] == 1:
+        # A bias shared by all heads (a traced padding mask): [b|1, 1, s|1, T] broadcasts.
+        scores = em.op("Add", [scores, em.op("Unsqueeze", [ins[6], em.i64(2)])])
+    elif ins[6] is not None:
         # [b|1, H, s, T] -> [b|1, KV, G, s, T]; built from Shape since s and T are dynamic.
         shp = em.op("Shape", [ins[6]])
         target = em.op("Concat", [em.op("Slice", [shp, em.i64(0), em.i64(1), em.i64(0)]),
@@ -355,6 +358,34 @@ lower_onnx.update({
     Op.ATTENTION: _attention,
     Op.LAST_TOKEN: _last_token,
 })
+
+
+# Runtime shapes (DIM / RANGE / FULL, from the torch.export frontend) and CUMSUM.
+def _dim(ctx, node, ins, outs):
+    ctx.em.op("Gather", [ctx.em.op("Shape", ins), ctx.em.const(np.array(node.attrs["axis"],
+                                                                        np.int64))], outs, axis=0)
+
+
+def _range(ctx, node, ins, outs):
+    ctx.em.op("Range", [ins[0], ins[1], ctx.em.const(np.array(1, np.int64))], outs)
+
+
+def _full(ctx, node, ins, outs):
+    from onnx import numpy_helper
+
+    em = ctx.em
+    dtype = DType(node.attrs["dtype"])
+    shape = em.op("Concat", [em.op("Unsqueeze", [i, em.i64(0)]) for i in ins], axis=0) if ins \
+        else em.const(np.zeros((0,), np.int64))
+    value = np.array([node.attrs["value"]], dtype=dtype.numpy)
+    em.op("ConstantOfShape", [shape], outs, value=numpy_helper.from_array(value))
+
+
+def _cumsum(ctx, node, ins, outs):
+    ctx.em.op("CumSum", [ins[0], ctx.em.const(np.array(node.attrs["axis"], np.int64))], outs)
+
+
+lower_onnx.update({Op.DIM: _dim, Op.RANGE: _range, Op.FULL: _full, Op.CUMSUM: _cumsum})
 
 
 def lowering_for(op: Op) -> LowerFn:
