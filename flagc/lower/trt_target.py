@@ -1,0 +1,149 @@
+"""IR graph -> `engine.plan` for the TensorRT targets (trt-fp32, trt-fp16, trt-int8).
+
+Steps: lower to standard ONNX (the target has contrib_ops=False, so nothing TensorRT's parser
+lacks), make the precision explicit in the file (fp16 types, or int8 Q/DQ pairs), build a strongly
+typed engine with one optimization profile from the manifest's dims, and describe it for the
+manifest (flavor, version, compute capabilities, profiles, sha256 of the plan).
+
+The intermediate ONNX is written to a temp folder inside the staged artifact and removed after the
+build: the artifact ships only the engine. `FLAGC_TRT_KEEP_ONNX=1` keeps it as `trt.onnx` (plus
+`trt.onnx.data` for big models) in the artifact to debug a parser or numerics problem with
+onnxruntime or polygraphy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from flagc.errors import ArtifactError, LoweringError
+from flagc.ir.graph import Graph
+from flagc.lower.targets import Target
+
+__all__ = ["lower_to_trt", "update_manifest", "plan_digest", "KEEP_ONNX_ENV", "TIMING_CACHE_NAME"]
+
+KEEP_ONNX_ENV = "FLAGC_TRT_KEEP_ONNX"
+TIMING_CACHE_NAME = ".flagc-trt-timing-{flavor}-{version}.cache"
+
+
+def lower_to_trt(graph: Graph, target: Target, folder: str, *, output: str, max_seq: int,
+                 max_batch: int, io: Mapping[str, Sequence[Mapping[str, Any]]],
+                 calibration: Sequence[Mapping[str, Any]] | None = None,
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """Write `folder/engine.plan`; returns (files written, the manifest's `tensorrt` section).
+
+    Args:
+        folder: the staged artifact folder.
+        output: the final artifact path; the shared timing cache lives beside it.
+        io: the IR's io signature (`api._io_signature`), whose symbolic dims give the profiles.
+        calibration: int8 only: input feeds for activation ranges (default: random token ids).
+    """
+    from flagc.lower.trt_build import build_engine, load_tensorrt
+    from flagc.lower.trt_profiles import profile_shapes
+
+    if target.backend != "tensorrt":
+        raise LoweringError(f"target {target.name!r} is not a TensorRT target")
+    flavor = load_tensorrt()  # fail before the (long) lowering when TensorRT is missing
+    keep = os.environ.get(KEEP_ONNX_ENV) == "1"
+    onnx_dir = folder if keep else tempfile.mkdtemp(prefix=".trt-onnx-", dir=folder)
+    onnx_path = os.path.join(onnx_dir, "trt.onnx")
+    try:
+        precision = _write_onnx(graph, target, onnx_path, calibration)
+        profiles = profile_shapes(io["inputs"], max_batch, max_seq)
+        cache = os.path.join(os.path.dirname(os.path.abspath(output)),
+                             TIMING_CACHE_NAME.format(flavor=flavor.name, version=flavor.version))
+        engine_path = os.path.join(folder, target.engine_file)
+        info = build_engine(onnx_path, engine_path, profiles, flavor=flavor, timing_cache=cache)
+    finally:
+        if not keep:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+    kept = [f for f in ("trt.onnx", "trt.onnx.data")
+            if keep and os.path.exists(os.path.join(folder, f))]
+    info["precision"] = precision
+    info["onnx"] = {"kept": kept, "opset": target.opset}
+    info["sha256"], info["bytes"] = plan_digest(engine_path)
+    return [target.engine_file] + kept, info
+
+
+def update_manifest(manifest: dict[str, Any], info: Mapping[str, Any]) -> None:
+    """Put the engine's section into the manifest and make its io/KV dtypes the engine's own
+    (an fp16 engine takes and returns fp16 cache tensors, whatever the IR said)."""
+    manifest["tensorrt"] = dict(info)
+    engine_io = {sig["name"]: sig for part in ("inputs", "outputs") for sig in info["io"][part]}
+    for part in ("inputs", "outputs"):
+        for sig in manifest["io"][part]:
+            if sig["name"] in engine_io:
+                sig["dtype"] = engine_io[sig["name"]]["dtype"]
+    kv = manifest.get("kv_cache")
+    past = engine_io.get("past_key_values.0.key")
+    if kv and past:
+        kv["dtype"] = {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}.get(
+            past["dtype"], kv["dtype"])
+
+
+def _write_onnx(graph: Graph, target: Target, path: str, calibration) -> dict[str, Any]:
+    from flagc.lower.onnx_model import lower_to_onnx
+
+    lower_to_onnx(graph, target, path)
+    planned = any(v.dtype.value == "f16" for v in list(graph.inputs) + list(graph.weights.values()))
+    if target.precision == "fp32":
+        return {"compute": "fp32"}
+    if target.precision == "fp16" and planned:
+        return {"compute": "fp16", "planned_by": "passes (precision plan in the IR)"}
+    if target.precision == "fp16":
+        from flagc.lower.trt_fp16 import KEEP_FP32, convert_to_fp16
+
+        _rewrite(path, convert_to_fp16)
+        return {"compute": "fp16", "planned_by": "flagc.lower.trt_fp16",
+                       "fp32_ops": sorted(KEEP_FP32)}
+    if target.precision == "int8":
+        from flagc.lower.trt_int8 import calibrate_linear_inputs, insert_qdq
+
+        amax = calibrate_linear_inputs(graph, calibration)
+        info: dict[str, Any] = {}
+        _rewrite(path, lambda m: (info.update(insert_qdq(m, amax)), m)[1])
+        info["calibration"] = ("caller samples" if calibration else
+                               "2 random token-id batches (2 x 16) through the IR interpreter")
+        return {"compute": "int8 Q/DQ around fp32", **info}
+    raise LoweringError(f"target {target.name!r}: precision {target.precision!r} has no "
+                        "TensorRT lowering")
+
+
+def _rewrite(path: str, fn) -> None:
+    """Load the lowered ONNX (with its external data), transform it, write it back."""
+    import onnx
+
+    from flagc.lower.onnx_model import EXTERNAL_DATA_THRESHOLD
+
+    model = fn(onnx.load(path))
+    data = path + ".data"
+    if os.path.exists(data):
+        os.remove(data)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:  # protobuf caps one message at 2 GB
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(data), size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:
+        raise LoweringError(f"the TensorRT ONNX {path} is inconsistent after the precision "
+                            f"rewrite: {exc}") from exc
+
+
+def plan_digest(path: str) -> tuple[str, int]:
+    """(sha256 hex, size) of an engine file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the engine: {exc}") from exc
+    return h.hexdigest(), size
