@@ -85,6 +85,7 @@ def run(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams"),
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated"),
     as_json: bool = typer.Option(False, "--json", help="print token ids and text as JSON"),
     device: str = typer.Option("cpu", "--device"),
@@ -105,7 +106,7 @@ def run(
     result = model.generate(source, chat=chat, stream=printer, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed,
-                            stop_strings=tuple(stop))
+                            stop_strings=tuple(stop), num_beams=num_beams)
     if as_json:
         typer.echo(json.dumps({"token_ids": result.token_ids, "text": result.text,
                                "finish_reason": result.finish_reason,
@@ -115,6 +116,59 @@ def run(
     else:
         typer.echo(result.text if result.text is not None else
                    " ".join(map(str, result.token_ids)))
+
+
+@app.command()
+@_friendly
+def chat(
+    artifact: str = typer.Argument(..., help="artifact folder or the engine file inside it"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Chat with an artifact: one user turn per stdin line; /reset clears, /exit or EOF ends.
+
+    The KV cache is kept between turns, so each turn only runs its own new tokens.
+    """
+    from flagc import api
+    from flagc.runtimes.chat import ChatSession
+
+    model = api.load(artifact, device=device, threads=threads)
+    session = ChatSession(model, system=system, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+    interactive, failed = sys.stdin.isatty(), False
+
+    def printer(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        if interactive:
+            typer.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            typer.echo("(conversation cleared)")
+        elif text:
+            try:
+                session.send(line.rstrip("\n"), stream=printer)
+            except FlagcError as exc:  # the turn is dropped; the conversation goes on
+                typer.echo(f"\nerror: {exc} (/reset starts a new conversation)", err=True)
+                failed = True
+                continue
+            typer.echo("")
+    if failed:
+        raise typer.Exit(1)  # a scripted session must see that a turn failed
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -127,7 +181,11 @@ def _parse_ids(text: str) -> list[int]:
 @app.command()
 @_friendly
 def inspect(artifact: str = typer.Argument(...),
-            as_json: bool = typer.Option(False, "--json")):
+            as_json: bool = typer.Option(False, "--json"),
+            batch: Optional[int] = typer.Option(None, "--batch", help="rows for the KV cache "
+                                                "memory figure (default: the max batch)"),
+            context: Optional[int] = typer.Option(None, "--context", help="tokens per row for "
+                                                  "the KV cache memory figure (default: max seq)")):
     """Show an artifact's IO signature, op histogram, parameters, KV layout and target."""
     from flagc.artifact import read_manifest
 
@@ -148,12 +206,16 @@ def inspect(artifact: str = typer.Argument(...),
         typer.echo(f"  {s['name']}: {s['dtype']}[{', '.join(s['shape'])}]")
     kv = m.get("kv_cache")
     if kv:
-        per_token = 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * 4
-        dims = m["dims"]
-        full = per_token * dims["max_seq"] * dims["max_batch"]
+        from flagc.runtimes.kv_cache import KVLayout
+
+        layout, dims = KVLayout.from_manifest(m), m["dims"]
+        rows, tokens = batch or dims["max_batch"], context or dims["max_seq"]
+        if rows < 1 or tokens < 1:
+            raise FlagcError(f"--batch and --context must be >= 1, got {rows} and {tokens}")
+        total = layout.cache_bytes(rows, tokens)
         typer.echo(f"kv cache   {kv['layers']} layers x {kv['layout']} ({kv['dtype']}); "
-                   f"{per_token / 1024:.1f} KiB per token, {full / 2**20:.1f} MiB at batch "
-                   f"{dims['max_batch']} x {dims['max_seq']} tokens")
+                   f"{layout.bytes_per_token / 1024:.1f} KiB per token; batch {rows} x "
+                   f"{tokens} tokens: {total / 2**20:.1f} MiB (past + present buffers)")
     typer.echo("ops        " + ", ".join(f"{k}={v}" for k, v in m["graph"]["ops"].items()))
 
 

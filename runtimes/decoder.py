@@ -61,6 +61,7 @@ class CachedDecoder:
         self._logits_buf = np.empty(0, dtype=self._logits_dtype)
         inputs = set(engine.input_names)
         self._has_positions = "position_ids" in inputs
+        self.last_prefill = 0  # prompt tokens the last prefill/resume actually ran
 
     # ---- steps -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -95,6 +96,7 @@ class CachedDecoder:
         """
         ids, mask = left_pad(prompts, pad_id)
         self.cache.reset(len(prompts), reserve, rows or 0)
+        self.last_prefill = int(mask.sum())
         return self._run(ids, mask)
 
     def append(self, ids: np.ndarray) -> np.ndarray:
@@ -121,6 +123,7 @@ class CachedDecoder:
         keep = min(keep, len(prompt) - 1)
         cache.trim(keep)
         cache.reserve(1, reserve)
+        self.last_prefill = len(prompt) - keep
         return self.append(np.asarray(prompt[keep:], dtype=np.int64)[None, :]), len(prompt) - keep
 
     def reorder(self, rows: np.ndarray) -> None:

@@ -111,7 +111,7 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
         results.append(GenerationResult(
             token_ids=generated[row], text=stops.text(row) if decode is not None else None,
             finish_reason="stop" if stopped else "length", prompt_tokens=len(prompts[row]),
-            timings=_timings(token_times)))
+            timings=_timings(token_times, decoder)))
     return results
 
 
@@ -154,10 +154,10 @@ def _beam_search(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_
         results.append(GenerationResult(
             token_ids=ids, text=decode(ids, skip_special_tokens=True) if decode else None,
             finish_reason="stop" if stopped else "length", prompt_tokens=len(prompts[item]),
-            timings=_timings(token_times), score=float(scores[item, 0])))
+            timings=_timings(token_times, decoder), score=float(scores[item, 0])))
     return results
 
 
-def _timings(token_times: list[float]) -> dict[str, Any]:
+def _timings(token_times: list[float], decoder: CachedDecoder) -> dict[str, Any]:
     return {"prefill_s": token_times[0] if token_times else 0.0,
-            "token_times_s": list(token_times)}
+            "prefill_tokens": decoder.last_prefill, "token_times_s": list(token_times)}
