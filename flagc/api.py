@@ -75,7 +75,13 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx
 
-        files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
+        if tgt.backend == "tensorrt":
+            from flagc.lower.trt_target import lower_to_trt, update_manifest
+
+            files, trt_info = lower_to_trt(graph, tgt, tmp, output=output, max_seq=max_seq,
+                                           max_batch=max_batch, io=_io_signature(graph))
+        else:
+            files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
         tok_files = tokenizer.save(tmp) if tokenizer is not None else []
         manifest = _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq,
                              max_batch, task, time.perf_counter() - t0)
@@ -83,6 +89,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         manifest["build"]["declined_rewrites"] = pass_ctx.declined
         if pass_ctx.plan:
             manifest["precision_plan"] = pass_ctx.plan
+        if tgt.backend == "tensorrt":
+            update_manifest(manifest, trt_info)
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)

@@ -20,6 +20,10 @@ __all__ = ["LoadedModel", "load_artifact"]
 def load_artifact(path: str, device: str = "cpu", threads: int | None = None) -> "LoadedModel":
     folder, manifest = read_manifest(path)
     backend = manifest["target"].get("backend")
+    if backend == "tensorrt":
+        from flagc.runtimes.trt_engine import TrtEngine
+
+        return LoadedModel(folder, manifest, TrtEngine(folder, manifest, device, threads))
     if backend != "onnxruntime":
         raise ArtifactError(f"{folder}: backend {backend!r} is not supported by this runtime")
     from flagc.runtimes.ort_engine import OrtEngine

@@ -29,9 +29,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnx-bf16", "onnxruntime", "bf16", contrib_ops=True, implemented=False),
     Target("onnx-int8", "onnxruntime", "int8", contrib_ops=True, implemented=False),
     Target("onnx-int4", "onnxruntime", "int4", contrib_ops=True, implemented=False),
-    Target("trt-fp32", "tensorrt", "fp32", contrib_ops=False, implemented=False),
-    Target("trt-fp16", "tensorrt", "fp16", contrib_ops=False, implemented=False),
-    Target("trt-int8", "tensorrt", "int8", contrib_ops=False, implemented=False),
+    Target("trt-fp32", "tensorrt", "fp32", contrib_ops=False),
+    Target("trt-fp16", "tensorrt", "fp16", contrib_ops=False),
+    Target("trt-int8", "tensorrt", "int8", contrib_ops=False),
 )}
 
 

@@ -1,0 +1,343 @@
+"""TensorRT targets on a machine without a GPU: TensorRT for RTX parses and builds strongly typed
+engines on the CPU, so every TensorRT target is proven to build; the engine cannot run here.
+
+What runs here instead:
+- the manifest each build writes (flavor, version, compute capabilities, profiles, digest, io);
+- the refusals: truncated / corrupt engine.plan, no CUDA device;
+- the exact ONNX each engine was built from (kept with FLAGC_TRT_KEEP_ONNX=1), run by onnxruntime
+  against the fp32 artifact: fp16 conversion and int8 Q/DQ numerics;
+- the TensorRT runtime's binding and KV plumbing, over an execution context stand-in that runs
+  that ONNX with onnxruntime through the same raw tensor addresses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import flagc
+from flagc.errors import ArtifactError, RuntimeInputError
+
+trt = pytest.importorskip(
+    "tensorrt_rtx_bindings",
+    reason="TensorRT for RTX is not installed (pip install 'flagc[trt]'); CI installs it")
+
+MAX_SEQ, MAX_BATCH = 64, 4
+
+
+def _build(src, target, out, keep_onnx=False, **kw):
+    old = os.environ.get("FLAGC_TRT_KEEP_ONNX")
+    os.environ["FLAGC_TRT_KEEP_ONNX"] = "1" if keep_onnx else "0"
+    try:
+        return flagc.build(src, target, out, max_seq=MAX_SEQ, max_batch=MAX_BATCH, **kw)
+    finally:
+        if old is None:
+            os.environ.pop("FLAGC_TRT_KEEP_ONNX")
+        else:
+            os.environ["FLAGC_TRT_KEEP_ONNX"] = old
+
+
+@pytest.fixture(scope="module")
+def llama_builds(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt")
+    out = {t: str(root / t) for t in ("onnx-fp32", "trt-fp32", "trt-fp16", "trt-int8")}
+    flagc.build(tiny_llama, "onnx-fp32", out["onnx-fp32"], max_seq=MAX_SEQ, max_batch=MAX_BATCH)
+    _build(tiny_llama, "trt-fp16", out["trt-fp16"])  # as users build it: engine only
+    for t in ("trt-fp32", "trt-int8"):
+        _build(tiny_llama, t, out[t], keep_onnx=True)
+    out["trt-fp16-onnx"] = str(root / "trt-fp16-onnx")
+    _build(tiny_llama, "trt-fp16", out["trt-fp16-onnx"], keep_onnx=True)
+    return out
+
+
+def _manifest(folder):
+    with open(os.path.join(folder, "manifest.json")) as f:
+        return json.load(f)
+
+
+# ---- manifests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["trt-fp32", "trt-fp16", "trt-int8"])
+def test_manifest_describes_the_engine(llama_builds, target):
+    import hashlib
+
+    folder = llama_builds[target if target != "trt-fp16" else "trt-fp16"]
+    m = _manifest(folder)
+    assert m["engine"] == "engine.plan" and m["target"]["name"] == target
+    assert m["target"]["backend"] == "tensorrt"
+    t = m["tensorrt"]
+    assert t["flavor"] == "tensorrt-rtx" and t["version"] == trt.__version__
+    assert t["strongly_typed"] is True
+    # TensorRT-RTX: Ampere and later, never Hopper (sm_90)
+    assert {"8.0", "8.6", "8.9", "12.0"} <= set(t["compute_capabilities"])
+    assert "9.0" not in t["compute_capabilities"]
+    with open(os.path.join(folder, "engine.plan"), "rb") as f:
+        data = f.read()
+    assert t["bytes"] == len(data) and t["sha256"] == hashlib.sha256(data).hexdigest()
+    prof = t["profiles"][0]
+    assert set(prof) == {s["name"] for s in m["io"]["inputs"]}
+    assert prof["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [MAX_BATCH, MAX_SEQ]}
+    assert prof["attention_mask"]["max"] == [MAX_BATCH, MAX_SEQ]
+    assert prof["past_key_values.0.key"]["min"] == [1, 2, 0, 16]
+    assert prof["past_key_values.0.key"]["max"] == [MAX_BATCH, 2, MAX_SEQ - 1, 16]
+    for p in prof.values():
+        assert all(a <= b <= c for a, b, c in zip(p["min"], p["opt"], p["max"]))
+    float_dtype = "f16" if target == "trt-fp16" else "f32"
+    io = {s["name"]: s["dtype"] for s in m["io"]["inputs"] + m["io"]["outputs"]}
+    assert io["logits"] == io["present.1.value"] == io["past_key_values.0.key"] == float_dtype
+    assert io["input_ids"] == "i64"
+    assert m["kv_cache"]["dtype"] == ("float16" if target == "trt-fp16" else "float32")
+    assert t["io"]["inputs"][0]["name"] == "input_ids"
+
+
+def test_engine_only_artifact_holds_no_onnx(llama_builds):
+    folder = llama_builds["trt-fp16"]
+    names = sorted(os.listdir(folder))
+    assert names == ["engine.plan", "manifest.json"]  # the tiny model has no tokenizer files
+    m = _manifest(folder)
+    assert m["files"] == ["engine.plan"] and m["tensorrt"]["onnx"]["kept"] == []
+    assert m["tensorrt"]["precision"]["compute"] == "fp16"
+
+
+def test_int8_manifest_records_quantization(llama_builds):
+    p = _manifest(llama_builds["trt-int8"])["tensorrt"]["precision"]
+    # 2 layers x (merged qkv, o, merged gate/up, down) + lm_head, or unmerged: 7 per layer + 1
+    assert p["quantized_linears"] >= 9
+    assert all(v > 0 for v in p["activation_amax"].values())
+
+
+# ---- refusals -------------------------------------------------------------------------------------
+@pytest.fixture()
+def damaged(llama_builds, tmp_path):
+    folder = str(tmp_path / "art")
+    shutil.copytree(llama_builds["trt-fp16"], folder)
+    path = os.path.join(folder, "engine.plan")
+    with open(path, "rb") as f:
+        data = f.read()
+    return folder, path, data
+
+
+def test_truncated_plan_is_refused(damaged):
+    folder, path, data = damaged
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"engine\.plan is truncated: \d+ bytes, the manifest "
+                                             r"records \d+"):
+        flagc.load(path)
+
+
+def test_corrupt_plan_is_refused(damaged):
+    folder, path, data = damaged
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(flipped))
+    with pytest.raises(ArtifactError, match=r"engine\.plan is corrupt: sha256"):
+        flagc.load(folder)
+
+
+def test_cli_run_refuses_a_corrupt_plan_by_name(damaged):
+    from typer.testing import CliRunner
+
+    from flagc.cli import app
+
+    folder, path, data = damaged
+    with open(path, "wb") as f:
+        f.write(data[:100])
+    res = CliRunner().invoke(app, ["run", path, "--ids", "1,2,3", "-n", "2"])
+    assert res.exit_code != 0
+    assert "truncated" in res.output and "engine.plan" in res.output
+
+
+def test_without_cuda_the_error_names_the_gpus_and_tensorrt(llama_builds):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the no-GPU message cannot be provoked")
+    with pytest.raises(RuntimeInputError) as err:
+        flagc.load(os.path.join(llama_builds["trt-fp16"], "engine.plan"))
+    msg = str(err.value)
+    assert f"tensorrt-rtx {trt.__version__}" in msg
+    assert "8.0, 8.6, 8.9, 12.0" in msg and "no CUDA device" in msg
+
+
+def test_unsupported_gpu_is_named(llama_builds, monkeypatch):
+    import torch
+
+    from flagc.runtimes.trt_engine import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    info = _manifest(llama_builds["trt-fp16"])["tensorrt"]
+    with pytest.raises(RuntimeInputError, match=r"NVIDIA H200 with compute capability 9\.0\. "
+                                                 r"TensorRT-RTX does not support this GPU"):
+        check_device(info, "cuda")
+
+
+def test_version_mismatch_is_named(llama_builds):
+    from flagc.runtimes.trt_engine import load_flavor
+
+    info = dict(_manifest(llama_builds["trt-fp16"])["tensorrt"], version="0.9.0.1")
+    with pytest.raises(RuntimeInputError, match=r"built by tensorrt-rtx 0\.9\.0\.1.*installed "
+                                                 r"tensorrt-rtx is"):
+        load_flavor(info)
+
+
+# ---- numerics of the ONNX the engines were built from -------------------------------------------
+def _ort_logits(path, ids, dtype):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row: the fp32 mask island must keep it finite
+    feeds = {"input_ids": ids, "attention_mask": mask,
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    for i in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((ids.shape[0], 2, 0, 16), dtype)
+    return sess.run(["logits"], feeds)[0]
+
+
+def test_fp16_onnx_matches_fp32_and_is_fp16_typed(llama_builds):
+    import onnx
+
+    path = os.path.join(llama_builds["trt-fp16-onnx"], "trt.onnx")
+    model = onnx.load(path)
+    f16 = onnx.TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type in (f16, onnx.TensorProto.INT64)
+               for v in list(model.graph.input) + list(model.graph.output))
+    big = [t for t in model.graph.initializer if np.prod(t.dims) > 1024]
+    assert big and all(t.data_type == f16 for t in big)
+    softmax_in = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+    casts_to_f32 = {n.output[0] for n in model.graph.node if n.op_type == "Cast"
+                    and n.attribute[0].i == onnx.TensorProto.FLOAT}
+    assert softmax_in and casts_to_f32  # fp32 islands exist
+    ids = np.random.default_rng(0).integers(0, 128, (2, 9))
+    ref = _ort_logits(os.path.join(llama_builds["onnx-fp32"], "model.onnx"), ids, np.float32)
+    got = _ort_logits(path, ids, np.float16)
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    err = np.abs(got.astype(np.float32) - ref)
+    assert err.max() < 2e-2 * max(1.0, np.abs(ref).max()), err.max()
+
+
+def test_int8_onnx_has_qdq_and_stays_close(llama_builds):
+    import onnx
+
+    path = os.path.join(llama_builds["trt-int8"], "trt.onnx")
+    model = onnx.load(path)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") >= 10
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
+            and len(t.dims) == 2]
+    assert len(int8) >= 9
+    ids = np.random.default_rng(1).integers(0, 128, (2, 9))
+    ref = _ort_logits(os.path.join(llama_builds["onnx-fp32"], "model.onnx"), ids, np.float32)
+    got = _ort_logits(path, ids, np.float32)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < rel < 0.15, rel  # quantized (not identical), yet close
+
+
+# ---- the runtime's binding and KV plumbing, over an onnxruntime stand-in context -----------------
+class _OrtContext:
+    """What TrtBinding uses of an IExecutionContext, computed by onnxruntime on host pointers."""
+
+    def __init__(self, onnx_path, manifest):
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        io = manifest["tensorrt"]["io"]
+        self.dtypes = {s["name"]: np.dtype({"f32": np.float32, "f16": np.float16,
+                                            "i64": np.int64}[s["dtype"]])
+                       for s in io["inputs"] + io["outputs"]}
+        self.inputs = [s["name"] for s in io["inputs"]]
+        self.profile = manifest["tensorrt"]["profiles"][0]
+        self.shapes, self.addr, self.result = {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        p = self.profile[name]
+        if not all(a <= s <= b for a, s, b in zip(p["min"], shape, p["max"])):
+            return False
+        self.shapes[name], self.result = tuple(shape), None
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        assert ptr, f"null address for {name}"
+        self.addr[name], self.result = ptr, None
+
+    def _read(self, name):
+        shape, dt = self.shapes[name], self.dtypes[name]
+        n = int(np.prod(shape)) * dt.itemsize
+        if not n:
+            return np.zeros(shape, dt)
+        return np.frombuffer((ctypes.c_char * n).from_address(self.addr[name]),
+                             dtype=dt).reshape(shape).copy()
+
+    def _run(self):
+        if self.result is None:
+            names = [o.name for o in self.sess.get_outputs()]
+            vals = self.sess.run(names, {n: self._read(n) for n in self.inputs})
+            self.result = dict(zip(names, vals))
+        return self.result
+
+    def get_tensor_shape(self, name):
+        return self._run()[name].shape
+
+    def execute_async_v3(self, stream):
+        for name, value in self._run().items():
+            ctypes.memmove(self.addr[name], value.ctypes.data, value.nbytes)
+        return True
+
+
+def test_runtime_plumbing_generates_like_onnxruntime(llama_builds):
+    import torch
+
+    from flagc.runtimes.model import LoadedModel
+    from flagc.runtimes.trt_engine import TrtEngine
+
+    folder = llama_builds["trt-fp32"]
+    m = _manifest(folder)
+    engine = TrtEngine.from_context(m, _OrtContext(os.path.join(folder, "trt.onnx"), m),
+                                    torch.device("cpu"))
+    model = LoadedModel(folder, m, engine)
+    ref = flagc.load(llama_builds["onnx-fp32"])
+    prompts = [[5, 17, 99, 3], list(range(20, 31))]
+    ours = model.generate(prompts, max_new_tokens=12)
+    theirs = ref.generate(prompts, max_new_tokens=12)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
+    ids = np.random.default_rng(2).integers(0, 128, (2, 7))
+    np.testing.assert_allclose(model.forward(ids)["logits"], ref.forward(ids)["logits"],
+                               atol=1e-4)
+    assert engine.run_calls > 0
+
+
+def test_runtime_refuses_shapes_outside_the_profile(llama_builds):
+    import torch
+
+    from flagc.runtimes.trt_engine import TrtEngine
+
+    folder = llama_builds["trt-fp32"]
+    m = _manifest(folder)
+    engine = TrtEngine.from_context(m, _OrtContext(os.path.join(folder, "trt.onnx"), m),
+                                    torch.device("cpu"))
+    ids = np.zeros((MAX_BATCH + 1, 3), np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": ids}
+    for i in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((MAX_BATCH + 1, 2, 0, 16), np.float32)
+    with pytest.raises(RuntimeInputError, match=r"refused input 'input_ids' of shape \(5, 3\): "
+                                                 r"outside the engine's optimization profile"):
+        engine.run(feeds)
+
+
+# ---- profiles -------------------------------------------------------------------------------------
+def test_profiles_for_an_encoder_tune_for_mid_length_sequences():
+    from flagc.lower.trt_profiles import profile_shapes
+
+    prof = profile_shapes([{"name": "input_ids", "shape": ["batch", "seq"]},
+                           {"name": "token_type_ids", "shape": ["batch", "seq"]}], 8, 512)
+    assert prof["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [8, 512]}
