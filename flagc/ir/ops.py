@@ -74,6 +74,11 @@ class Op(Enum):
     ROTARY = "rotary"
     ATTENTION = "attention"
     LAST_TOKEN = "last_token"
+    # runtime shapes (symbolic dims as values; the torch.export frontend needs them for masks)
+    DIM = "dim"
+    RANGE = "range"
+    FULL = "full"
+    CUMSUM = "cumsum"
 
 
 UNARY = frozenset({
@@ -718,3 +723,64 @@ def _last_token_infer(types, attrs):
 
 _define(Op.LAST_TOKEN, ["x"], {}, _last_token_infer, lambda x: x[:, -1:, :],
         doc="The last position of each sequence (batches are left-padded, so it is seq-1).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime shapes. Exported torch code builds masks and positions from sizes (arange(seq),
+# ones(batch, past)); these ops carry such sizes as i64 scalars. Output dims that only a runtime
+# value determines are declared in attrs as dim text ("past+seq") so inference stays symbolic.
+
+
+def _dim_infer(types, attrs):
+    _norm_axis(attrs["axis"], types[0].rank, "dim")
+    return [TensorType(DType.I64, ())]
+
+
+_define(Op.DIM, ["x"], {"axis": REQUIRED}, _dim_infer,
+        lambda x, *, axis: torch.tensor(x.shape[axis], dtype=torch.int64),
+        doc="x.shape[axis] as an i64 scalar.")
+
+
+def _declared_dim(d, op: str) -> Dim:
+    from flagc.ir.symbolic import parse_dim
+
+    if isinstance(d, int):
+        return d
+    try:
+        return parse_dim(str(d))
+    except ValueError as exc:
+        raise IRError(f"{op}: bad declared dim {d!r}: {exc}") from None
+
+
+def _scalar_inputs(types, op: str):
+    for t in types:
+        if t is not None and (t.rank != 0 or t.dtype is not DType.I64):
+            raise IRError(f"{op}: size inputs must be i64 scalars, got {t}")
+
+
+def _range_infer(types, attrs):
+    _scalar_inputs(types, "range")
+    return [TensorType(DType.I64, (_declared_dim(attrs["length"], "range"),))]
+
+
+_define(Op.RANGE, ["start", "end"], {"length": REQUIRED}, _range_infer,
+        lambda start, end, *, length: torch.arange(int(start), int(end), dtype=torch.int64),
+        doc="arange(start, end) of i64 scalars; `length` declares end-start as dim text.")
+
+
+def _full_infer(types, attrs):
+    _scalar_inputs(types, "full")
+    shape = tuple(_declared_dim(d, "full") for d in attrs["shape"])
+    if len(shape) != len(types):
+        raise IRError(f"full: {len(types)} size inputs for declared shape {attrs['shape']}")
+    return [TensorType(DType(attrs["dtype"]), shape)]
+
+
+_define(Op.FULL, ["sizes*"], {"value": REQUIRED, "dtype": REQUIRED, "shape": REQUIRED},
+        _full_infer,
+        lambda *sizes, value, dtype, shape: torch.full([int(s) for s in sizes], value,
+                                                       dtype=DType(dtype).torch),
+        doc="A tensor filled with `value`, one i64 scalar size input per dim; `shape` declares "
+            "the dims as text.")
+_define(Op.CUMSUM, ["x"], {"axis": REQUIRED}, _same,
+        lambda x, *, axis: torch.cumsum(x, dim=axis).to(x.dtype))
