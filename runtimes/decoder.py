@@ -2,7 +2,8 @@
 
 `prefill` starts a batch (left padding), `append` feeds more tokens to every row (a decode step
 is append of one token), `resume` continues a single conversation from the longest cached prefix,
-`reorder` follows beam search. Each returns the last position's logits [rows, vocab].
+`reorder` follows beam search. Each returns the last position's logits [rows, vocab]; after a
+one-token step they are a view of a reused buffer, valid until the next step (copy to keep them).
 
 The step's small host arrays (ids, mask, positions) are bound as they are; the cache tensors are
 bound as raw buffers (see kv_cache). A one-token step writes its logits into a preallocated host

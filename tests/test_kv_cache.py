@@ -1,0 +1,143 @@
+"""The KV cache: presents land in preallocated buffers, reorder/trim/resume keep the numbers,
+host and device-style (onnxruntime kernel) copies agree, memory figures, limits."""
+
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import flagc
+from flagc.cli import app
+from flagc.errors import RuntimeInputError
+from flagc.runtimes.decoder import CachedDecoder
+from flagc.runtimes.kv_cache import KVCache, KVLayout
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("kv") / "llama")
+    flagc.build(tiny_llama, "onnx-fp32", out, custom=os.path.join("examples", "llama.py"))
+    return out
+
+
+def _reference(model, prompt, extra):
+    """Plain session.run with presents concatenated by the graph and fed back as numpy."""
+    layout = KVLayout.from_manifest(model.manifest)
+    ids = np.array([prompt])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.arange(len(prompt))[None]}
+    feeds.update(layout.empty(1))
+    out = model.engine.run(feeds)
+    logits = [out["logits"][:, -1]]
+    for t in extra:
+        n = feeds["attention_mask"].shape[1]
+        feeds = {"input_ids": np.array([[t]]), "attention_mask": np.ones((1, n + 1), np.int64),
+                 "position_ids": np.array([[n]])}
+        for past, present in layout.names:
+            feeds[past] = out[present]
+        out = model.engine.run(feeds)
+        logits.append(out["logits"][:, -1])
+    return logits, out
+
+
+def test_presents_are_written_into_the_preallocated_buffers(artifact):
+    model = flagc.load(artifact)
+    dec = CachedDecoder(model.engine, model.manifest)
+    prompt, extra = [5, 17, 99, 3], [42, 7, 64]
+    ref_logits, ref_out = _reference(model, prompt, extra)
+    logits = [dec.prefill([prompt], 0, reserve=16)]
+    storage, nbytes = dec.cache._storage, dec.cache.nbytes
+    for t in extra:
+        logits.append(dec.append(np.array([t])).copy())  # a view, valid until the next step
+    assert dec.cache._storage is storage and dec.cache.nbytes == nbytes  # no reallocation
+    assert nbytes == 2 * 4 * 1 * 2 * 16 * 16 * 4  # 2 arenas x 4 tensors x [1, 2, 16, 16] f32
+    for ours, ref in zip(logits, ref_logits):
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert dec.cache.length == 7 and dec.cache.positions.tolist() == [7]
+    for i, kind in [(0, "key"), (1, "value")]:
+        np.testing.assert_allclose(dec.cache.tensor(f"past_key_values.{i}.{kind}"),
+                                   ref_out[f"present.{i}.{kind}"], atol=1e-6)
+    assert dec.cache.row_tokens(0) == prompt + extra
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["host", "ort-kernel"])
+def test_reorder_and_trim_follow_rows_and_slots(artifact, kernel):
+    model = flagc.load(artifact)
+    dec = CachedDecoder(model.engine, model.manifest, kernel_copies=kernel)
+    dec.prefill([[1, 2, 3], [9, 8, 7, 6, 5]], 0, reserve=12, rows=4)
+    dec.append(np.array([11, 12]))
+    cache = dec.cache
+    before = {n: cache.tensor(n).copy() for n, _ in cache.layout.names}
+    mask, pos = cache.mask[:2, :6].copy(), cache.positions.copy()
+    dec.reorder(np.array([1, 1, 0, 1]))
+    assert cache.rows == 4 and cache.positions.tolist() == [pos[1], pos[1], pos[0], pos[1]]
+    np.testing.assert_array_equal(cache.mask[:4, :6], mask[[1, 1, 0, 1]])
+    for name, old in before.items():
+        np.testing.assert_array_equal(cache.tensor(name), old[[1, 1, 0, 1]])
+    cache.trim(4)
+    assert cache.length == 4 and cache.positions.tolist() == [4, 4, 2, 4]
+    for name, old in before.items():
+        np.testing.assert_array_equal(cache.tensor(name), old[[1, 1, 0, 1], :, :4])
+
+
+def test_kernel_copies_give_the_same_beams_as_host_copies(artifact):
+    model = flagc.load(artifact)
+    prompts = [[5, 17, 99], list(range(10, 27))]
+    host = model.generate(prompts, max_new_tokens=8, num_beams=3)
+    model._decoder = CachedDecoder(model.engine, model.manifest, kernel_copies=True)
+    kernel = model.generate(prompts, max_new_tokens=8, num_beams=3)
+    assert [r.token_ids for r in host] == [r.token_ids for r in kernel]
+    assert [r.score for r in host] == pytest.approx([r.score for r in kernel], abs=1e-6)
+
+
+def test_resume_keeps_the_common_prefix_and_equals_a_fresh_prefill(artifact):
+    model = flagc.load(artifact)
+    dec = CachedDecoder(model.engine, model.manifest)
+    dec.prefill([[5, 17, 99, 3]], 0, reserve=32)
+    dec.append(np.array([42]))
+    dec.append(np.array([7]))
+    # The conversation goes on from [5, 17, 99, 3, 42] (the 7 was rolled back) with new turns.
+    follow = [5, 17, 99, 3, 42, 60, 61, 62]
+    logits, ran = dec.resume(follow, reserve=32)
+    assert ran == 3 and dec.cache.row_tokens(0) == follow
+    fresh = CachedDecoder(model.engine, model.manifest).prefill([follow], 0, reserve=32)
+    np.testing.assert_allclose(logits, fresh, atol=1e-5)
+    # A prompt equal to what is cached still runs its last token (logits are needed).
+    logits, ran = dec.resume(follow, reserve=32)
+    assert ran == 1
+    np.testing.assert_allclose(logits, fresh, atol=1e-5)
+
+
+def test_cache_grows_and_keeps_content(artifact):
+    model = flagc.load(artifact)
+    dec = CachedDecoder(model.engine, model.manifest)
+    dec.prefill([[5, 17, 99, 3]], 0, reserve=5)
+    assert dec.cache.capacity_tokens == 5
+    dec.append(np.array([42]))
+    logits, _ = dec.resume([5, 17, 99, 3, 42] + list(range(20, 40)), reserve=25)
+    assert dec.cache.capacity_tokens == 25
+    fresh = CachedDecoder(model.engine, model.manifest).prefill(
+        [[5, 17, 99, 3, 42] + list(range(20, 40))], 0, reserve=25)
+    np.testing.assert_allclose(logits, fresh, atol=1e-5)
+
+
+def test_limits_name_the_flag_to_change(artifact):
+    model = flagc.load(artifact)
+    with pytest.raises(RuntimeInputError, match=r"12 rows .* max batch 8.*--max-batch 12"):
+        model.generate([[1, 2], [3, 4], [5, 6]], max_new_tokens=2, num_beams=4)
+    cache = KVCache(KVLayout(2, 2, 16, "float32"), max_rows=8, max_tokens=256)
+    with pytest.raises(RuntimeInputError, match="300 tokens exceed .* max sequence length 256"):
+        cache.reserve(1, 300)
+
+
+def test_memory_figures_and_inspect(artifact):
+    layout = KVLayout.from_manifest(flagc.load(artifact).manifest)
+    assert layout.bytes_per_token == 2 * 2 * 2 * 16 * 4  # k+v x layers x kv_heads x head_dim x f32
+    assert layout.cache_bytes(8, 2048) == 2 * 512 * 8 * 2048  # past and present arenas
+    res = CliRunner().invoke(app, ["inspect", artifact, "--batch", "8", "--context", "2048"])
+    assert res.exit_code == 0, res.output
+    assert "0.5 KiB per token; batch 8 x 2048 tokens: 16.0 MiB (past + present buffers)" \
+        in res.output
+    res = CliRunner().invoke(app, ["inspect", artifact])  # defaults: max batch x max seq
+    assert "batch 8 x 256 tokens: 2.0 MiB" in res.output
