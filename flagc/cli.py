@@ -217,6 +217,11 @@ def inspect(artifact: str = typer.Argument(...),
                    f"{layout.bytes_per_token / 1024:.1f} KiB per token; batch {rows} x "
                    f"{tokens} tokens: {total / 2**20:.1f} MiB (past + present buffers)")
     typer.echo("ops        " + ", ".join(f"{k}={v}" for k, v in m["graph"]["ops"].items()))
+    trt = m.get("tensorrt")
+    if trt:
+        typer.echo(f"tensorrt   {trt['flavor']} {trt['version']}, strongly typed "
+                   f"{trt['precision'].get('compute')}, {trt['bytes'] / 2**20:.1f} MiB plan; runs "
+                   f"on compute capability {', '.join(trt['compute_capabilities']) or '?'}")
 
 
 @app.command()

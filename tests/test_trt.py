@@ -341,3 +341,16 @@ def test_profiles_for_an_encoder_tune_for_mid_length_sequences():
     prof = profile_shapes([{"name": "input_ids", "shape": ["batch", "seq"]},
                            {"name": "token_type_ids", "shape": ["batch", "seq"]}], 8, 512)
     assert prof["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [8, 512]}
+
+
+def test_cli_inspect_shows_the_engine(llama_builds):
+    from typer.testing import CliRunner
+
+    from flagc.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", os.path.join(llama_builds["trt-fp16"],
+                                                           "engine.plan")])
+    assert res.exit_code == 0, res.output
+    assert "past_key_values.0.key: f16[batch, 2, past, 16]" in res.output
+    assert f"tensorrt   tensorrt-rtx {trt.__version__}, strongly typed fp16" in res.output
+    assert "compute capability 8.0, 8.6, 8.9, 12.0" in res.output
