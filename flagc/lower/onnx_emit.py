@@ -83,3 +83,34 @@ class OnnxEmitter:
         if name not in self.weights:
             self.weights[name] = WeightRequest(name, dtype, tuple(int(d) for d in shape), load)
         return name
+
+
+def merge_reshape_chains(em: OnnxEmitter, keep: set[str]) -> int:
+    """Reshape(Reshape(x, a), b) -> Reshape(x, b) when the middle value has no other reader.
+
+    Lowering a 4-D IR op to a 3-D kernel leaves such pairs (e.g. rotary then attention). `b` may
+    copy a dim (0) only where `a` copied it too, so the copied dims are the same. Returns the
+    number of Reshapes removed."""
+    consts = {t.name: numpy_helper.to_array(t) for t in em.constants}
+    producers = {o: n for n in em.nodes for o in n.output}
+    readers: dict[str, int] = {}
+    for n in em.nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    removed: set[int] = set()
+    for n in em.nodes:
+        if n.op_type != "Reshape" or n.domain:
+            continue
+        inner = producers.get(n.input[0])
+        if (inner is None or inner.op_type != "Reshape" or id(inner) in removed
+                or readers.get(inner.output[0], 0) != 1 or inner.output[0] in keep):
+            continue
+        a, b = consts.get(inner.input[1]), consts.get(n.input[1])
+        if a is None or b is None:
+            continue
+        if any(v == 0 and (i >= len(a) or a[i] != 0) for i, v in enumerate(b)):
+            continue
+        n.input[0] = inner.input[0]
+        removed.add(id(inner))
+    em.nodes = [n for n in em.nodes if id(n) not in removed]
+    return len(removed)

@@ -18,8 +18,9 @@ from flagc.ir.graph import Graph, Value
 from flagc.ir.ops import opdef
 from flagc.ir.symbolic import dim_str
 from flagc.ir.types import DType
-from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
+from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter, merge_reshape_chains
 from flagc.lower.onnx_ops import LowerContext, lowering_for
+from flagc.lower.onnx_stream import external_tensor
 from flagc.lower.targets import Target
 from flagc.progress import progress
 
@@ -63,6 +64,7 @@ def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]
     for out_name, v in graph.outputs.items():
         if ctx.name(v) != out_name:
             em.op("Identity", [ctx.name(v)], [out_name])
+    merge_reshape_chains(em, keep=set(graph.outputs))
     return em, ctx
 
 
@@ -75,27 +77,27 @@ def lower_to_onnx(graph: Graph, target: Target, path: str, *,
     em.weights = {k: w for k, w in em.weights.items() if k in used}  # e.g. untransposed Linear W
     inputs = [_value_info(v.name, v) for v in graph.inputs]
     outputs = [_value_info(k, v) for k, v in graph.outputs.items()]
-    total = sum(int(np.prod(w.shape, dtype=np.int64)) * w.dtype.itemsize
-                for w in em.weights.values())
+    total = sum(_nbytes(w) for w in em.weights.values())
     external = total > external_threshold
     data_name = os.path.basename(path) + ".data"
     files = [os.path.basename(path)]
     initializers = list(em.constants)
-    with progress("writing weights", len(em.weights)) as bar:
+    count = len(em.weights)
+    with progress("writing weights", total, unit="bytes") as bar:
         if external:
             files.append(data_name)
             with open(path + ".data", "wb") as data_file:
-                for req in em.weights.values():
-                    initializers.append(_external_tensor(req, data_file, data_name))
-                    bar.advance()
+                for i, req in enumerate(em.weights.values()):
+                    initializers.append(external_tensor(req, data_file, data_name))
+                    bar.advance(_nbytes(req), f"writing weights {i + 1}/{count}")
                     if on_weight:
                         on_weight(req.name)
         else:
-            for req in em.weights.values():
+            for i, req in enumerate(em.weights.values()):
                 initializers.append(helper.make_tensor(
                     req.name, ONNX_DTYPE[req.dtype], req.shape,
                     _checked_array(req).tobytes(), raw=True))
-                bar.advance()
+                bar.advance(_nbytes(req), f"writing weights {i + 1}/{count}")
                 if on_weight:
                     on_weight(req.name)
     g = helper.make_graph(em.nodes, graph.name, inputs, outputs, initializers)
@@ -122,20 +124,5 @@ def _checked_array(req) -> np.ndarray:
     return np.ascontiguousarray(arr.astype(req.dtype.numpy, copy=False))
 
 
-def _external_tensor(req, data_file, location: str) -> TensorProto:
-    arr = _checked_array(req)
-    offset = data_file.tell()
-    pad = (-offset) % 64  # aligned offsets let onnxruntime memory-map tensors directly
-    if pad:
-        data_file.write(b"\0" * pad)
-        offset += pad
-    data_file.write(arr.tobytes())
-    t = TensorProto()
-    t.name = req.name
-    t.data_type = ONNX_DTYPE[req.dtype]
-    t.dims.extend(req.shape)
-    t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(arr.nbytes))):
-        entry = t.external_data.add()
-        entry.key, entry.value = k, v
-    return t
+def _nbytes(req) -> int:
+    return int(np.prod(req.shape, dtype=np.int64)) * req.dtype.itemsize

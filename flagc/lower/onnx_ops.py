@@ -14,7 +14,9 @@ from flagc.errors import LoweringError
 from flagc.ir.graph import Node, Value
 from flagc.ir.ops import Op
 from flagc.ir.types import DType
+from flagc.lower.onnx_contrib import gqa_attention, rotary_embedding
 from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
+from flagc.lower.onnx_quant import lower_qlinear
 
 __all__ = ["lower_onnx", "LowerContext"]
 
@@ -42,10 +44,14 @@ class LowerContext:
         return self.names[v]
 
     def transposed_weight(self, v: Value) -> str:
-        """The [in, out] layout of a [out, in] weight, transposed once at write time."""
+        """The [in, out] layout of a [out, in] weight, transposed at write time.
+
+        The loader returns a transposed *view*: the writer (onnx_stream) lays it out block by
+        block, so no second full-size copy of the weight exists.
+        """
         load = self.weight_loaders[v.name]
         return self.em.weight(v.name + ".T", self.weight_dtype(v), (v.shape[1], v.shape[0]),
-                              lambda: np.ascontiguousarray(np.asarray(load()).T))
+                              lambda: np.asarray(load()).T)
 
 
 LowerFn = Callable[[LowerContext, Node, list, list], None]
@@ -216,6 +222,8 @@ def _last_token(ctx, node, ins, outs):
 
 
 def _rotary(ctx, node, ins, outs):
+    if ctx.contrib_ops and rotary_embedding(ctx, node, ins, outs):
+        return
     em = ctx.em
     x, pos, cos, sin = ins
     rd = node.attrs["rotary_dim"]
@@ -291,6 +299,8 @@ def _attention_mask(ctx, node, ins, seq_source: str, total_source: str) -> str:
 
 
 def _attention(ctx, node, ins, outs):
+    if ctx.contrib_ops and gqa_attention(ctx, node, ins, outs):
+        return
     em = ctx.em
     a = node.attrs
     H, KV = a["num_heads"], a["kv_heads"]
@@ -357,6 +367,7 @@ lower_onnx.update({
     Op.ROTARY: _rotary,
     Op.ATTENTION: _attention,
     Op.LAST_TOKEN: _last_token,
+    Op.QLINEAR: lower_qlinear,
 })
 
 
