@@ -35,7 +35,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           task: str = "text-generation", overwrite: bool = True,
           dump_ir: Optional[str] = None, check: bool = False,
           passes: Optional[list[str]] = None, random_weights: bool = False, seed: int = 0,
-          check_resources: bool = True) -> BuildResult:
+          check_resources: bool = True, model_dir: Optional[str] = None,
+          frontend: str = "auto") -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
     Args:
@@ -56,12 +57,16 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         seed: the random weights' seed.
         check_resources: refuse (ResourceError) before starting when the build's estimated
             peak memory or disk use exceeds what the machine has (see `plan`).
+        model_dir: where zoo / hub names are looked up (and downloaded to).
+        frontend: "auto" (graph DSL for its built-in decoders, torch.export for every other
+            family and task), "torch" or "dsl".
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
-    source, graph, config, graph_source = _frontend(model, custom, random_weights, seed)
+    source, graph, config, graph_source = _frontend(model, custom, random_weights, seed, task,
+                                                    model_dir, frontend)
     positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
     if max_seq is None:
         max_seq = min(positions, 4096)
@@ -82,6 +87,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                                            max_batch=max_batch, io=_io_signature(graph))
         else:
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
+            for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
+                _optimize(extra, tgt, None, check, passes)
+                files += lower_to_onnx(extra, tgt, os.path.join(tmp, f"{role}.onnx"))
         tok_files = tokenizer.save(tmp) if tokenizer is not None else []
         manifest = _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq,
                              max_batch, task, time.perf_counter() - t0)
@@ -91,6 +99,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             manifest["precision_plan"] = pass_ctx.plan
         if tgt.backend == "tensorrt":
             update_manifest(manifest, trt_info)
+        manifest.update(_zoo_manifest(graph))
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)
@@ -106,18 +115,33 @@ def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
     return _plan(source, graph, graph_source, tgt, output, passes)
 
 
-def _frontend(model: str, custom: Optional[str], random_weights: bool, seed: int):
+def _frontend(model: str, custom: Optional[str], random_weights: bool, seed: int,
+              task: str = "text-generation", model_dir: Optional[str] = None,
+              frontend: str = "auto"):
     """(source, graph, config, description) for a model path or, with random weights, a name."""
+    from flagc.frontends.zoo_build import resolve_model_path, uses_torch_frontend, zoo_graph
+
     if random_weights:
         from flagc.checkpoints.random_store import random_model_source
 
         source = random_model_source(model, seed)
     else:
-        source = open_model_source(model)
+        source = open_model_source(resolve_model_path(model, model_dir))
+    if custom is None and uses_torch_frontend(source, task, frontend):
+        graph, config = zoo_graph(source, task, name=_graph_name(source))
+        return source, graph, config, "torch.export frontend"
     cls = load_custom_model(custom) if custom else builtin_model_class(source.model_type)
     graph, config = build_custom_graph(cls, source.config, source.weights,
                                        name=_graph_name(source))
     return source, graph, config, f"graph DSL {cls.__name__}"
+
+
+def _zoo_manifest(graph: Graph) -> dict[str, Any]:
+    """Manifest sections a torch-frontend graph adds (zoo kind, labels, companion engines)."""
+    extra = dict(graph.metadata.get("manifest", {}))
+    for role, g in graph.metadata.get("companions", {}).items():
+        extra[role] = {"engine": f"{role}.onnx", "io": _io_signature(g)}
+    return extra
 
 
 def _plan(source: ModelSource, graph: Graph, graph_source: str, tgt, output: str,

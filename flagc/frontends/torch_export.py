@@ -73,7 +73,7 @@ class SymVal:
 
 def capture(module: torch.nn.Module, inputs: Sequence[InputSpec], outputs: Sequence[str], *,
             weights: Optional[Mapping[str, WeightSource]] = None, name: str = "model",
-            example_sizes: Optional[Mapping[str, int]] = None) -> Graph:
+            example_sizes: Optional[Mapping[str, int]] = None, strip_prefix: str = "") -> Graph:
     """Export `module` with torch.export and convert it to an IR graph (see module docstring).
 
     Args:
@@ -83,9 +83,12 @@ def capture(module: torch.nn.Module, inputs: Sequence[InputSpec], outputs: Seque
         weights: parameter FQN -> WeightSource; required for parameters on the meta device.
         name: the IR graph's name.
         example_sizes: symbol -> size used for the tracing examples (defaults are small primes).
+        strip_prefix: removed from parameter names to name IR weights (a wrapper's `inner.`).
     """
     exported = export_module(module, inputs, example_sizes)
-    return Converter(exported, inputs, outputs, weights, name, module).run()
+    cv = Converter(exported, inputs, outputs, weights, name, module)
+    cv.strip_prefix = strip_prefix
+    return cv.run()
 
 
 def export_module(module: torch.nn.Module, inputs: Sequence[InputSpec],
@@ -177,6 +180,7 @@ class Converter:
         self.graph = Graph(name)
         self.env: dict[Any, Any] = {}
         self.node = None  # the FX node being converted (for provenance and errors)
+        self.strip_prefix = ""
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self) -> Graph:
@@ -264,7 +268,8 @@ class Converter:
         dtype = DType.from_torch(fake.dtype)
         ir_dtype = DType.F32 if dtype.is_float else dtype  # checkpoints load as f32 (DSL too)
         source = self.weights.get(fqn) or self._module_source(fqn)
-        return self.graph.add_weight(fqn, TensorType(ir_dtype, shape), source)
+        name = fqn[len(self.strip_prefix):] if fqn.startswith(self.strip_prefix) else fqn
+        return self.graph.add_weight(name, TensorType(ir_dtype, shape), source)
 
     def _module_source(self, fqn: str) -> WeightSource:
         tensor = None
