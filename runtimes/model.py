@@ -64,6 +64,14 @@ class LoadedModel:
                                           getattr(self.engine, "device", "cpu"))
         return self._decoder
 
+    def _seq2seq(self):
+        from flagc.runtimes.ort_engine import OrtEngine
+        from flagc.runtimes.seq2seq import Seq2SeqGenerator
+
+        enc = OrtEngine(self.folder, {**self.manifest, "engine": self.manifest["encoder"]["engine"]},
+                        getattr(self.engine, "device", "cpu"))
+        return Seq2SeqGenerator(enc, self.engine, self.manifest)
+
     @property
     def max_seq(self) -> int:
         return int(self.manifest["dims"]["max_seq"])
@@ -81,7 +89,7 @@ class LoadedModel:
                                     f"sequence length {self.max_seq}")
         mask = np.ones_like(ids) if attention_mask is None else \
             np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
-        feeds = {"input_ids": ids, "attention_mask": mask}
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         names = set(self.engine.input_names)
         if "position_ids" in names:
             feeds["position_ids"] = positions_from_mask(mask)
@@ -89,6 +97,25 @@ class LoadedModel:
             feeds.update(KVLayout.from_manifest(self.manifest).empty(ids.shape[0]))
         outs = [n for n in self.engine.output_names if not n.startswith("present.")]
         return self.engine.run({k: v for k, v in feeds.items() if k in names}, outs)
+
+    # ---- encoder tasks (flagc.runtimes.encoder) ------------------------------------------------
+    def embed(self, texts) -> np.ndarray:
+        """Sentence vectors [n, d] with the model's pooling (sentence-transformers config)."""
+        from flagc.runtimes.encoder import Encoder
+
+        return Encoder(self).embed(texts)
+
+    def classify(self, texts, pairs=None) -> list[dict[str, Any]]:
+        """One {label, id, score} per text (or per sentence pair, for semantic matching)."""
+        from flagc.runtimes.encoder import Encoder
+
+        return Encoder(self).classify(texts, pairs)
+
+    def label(self, texts) -> list[list[tuple[str, str]]]:
+        """Per-token (token, label) for each text (NER / sequence labeling)."""
+        from flagc.runtimes.encoder import Encoder
+
+        return Encoder(self).label(texts)
 
     # ---- generation --------------------------------------------------------------------------
     def _prompt_ids(self, prompt, chat: bool) -> list[int]:
@@ -121,6 +148,9 @@ class LoadedModel:
         ids = [self._prompt_ids(p, chat) for p in prompts]
         gen = self.manifest.get("generation", {})
         decode = self.tokenizer.decode if self.has_tokenizer else None
+        if "encoder" in self.manifest:  # encoder-decoder (T5): flagc.runtimes.seq2seq
+            results = self._seq2seq().generate(ids, params, gen.get("eos_token_ids", []), decode)
+            return results[0] if single else results
         on_text = None
         if stream is not None:
             on_text = (lambda row, piece: stream(piece)) if single else stream
