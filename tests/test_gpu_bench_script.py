@@ -20,8 +20,8 @@ def _load():
 def test_tiny_run_reports_rates_bound_and_agreement(tmp_path, capsys):
     bench = _load()
     r = bench.main(["--tiny", "--work", str(tmp_path), "--reps", "1", "--new-tokens", "12",
-                    "--prompt-len", "16", "--batches", "1,2", "--engines", "flagc,eager", "--bandwidth-gbs", "10",
-                    "--json", str(tmp_path / "r.json")])
+                    "--prompt-len", "16", "--batches", "1,2", "--engines", "flagc,eager",
+                    "--bandwidth-gbs", "10", "--json", str(tmp_path / "r.json")])
     assert set(r["decode_tok_s"]) == {"flagc", "eager"}
     assert all(v > 0 for d in r["decode_tok_s"].values() for v in d.values())
     assert r["agreement_first_32"] == {"1": 12, "2": 12}  # every generated token agrees
