@@ -36,7 +36,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           dump_ir: Optional[str] = None, check: bool = False,
           passes: Optional[list[str]] = None, random_weights: bool = False, seed: int = 0,
           check_resources: bool = True, model_dir: Optional[str] = None,
-          frontend: str = "auto") -> BuildResult:
+          frontend: str = "auto", pass_options: Optional[dict[str, Any]] = None,
+          ) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
     Args:
@@ -60,6 +61,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         model_dir: where zoo / hub names are looked up (and downloaded to).
         frontend: "auto" (graph DSL for its built-in decoders, torch.export for every other
             family and task), "torch" or "dsl".
+        pass_options: options the passes read, e.g. {"fp16_limit": 4096.0,
+            "keep_last_fp32": 1, "calibrate": False} for the precision planner.
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
@@ -75,7 +78,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                           f"{positions}")
     if check_resources:
         _plan(source, graph, graph_source, tgt, output, passes).check()
-    pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes)
+    pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes, pass_options)
     tokenizer = _load_tokenizer(source)
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx
@@ -88,7 +91,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         else:
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
-                _optimize(extra, tgt, None, check, passes)
+                _optimize(extra, tgt, None, check, passes, pass_options)
                 files += lower_to_onnx(extra, tgt, os.path.join(tmp, f"{role}.onnx"))
         tok_files = tokenizer.save(tmp) if tokenizer is not None else []
         manifest = _manifest(source, graph, config, tgt, files, tok_files, tokenizer, max_seq,
@@ -162,10 +165,11 @@ def load(path: str, device: str = "cpu", threads: Optional[int] = None):
 
 
 def _optimize(graph: Graph, target, dump_ir: Optional[str], check: bool,
-              passes: Optional[list[str]]):
+              passes: Optional[list[str]], options: Optional[dict[str, Any]] = None):
     from flagc.passes import optimize
 
-    return optimize(graph, target, {"passes": passes}, dump_dir=dump_ir, check=check)
+    return optimize(graph, target, {**(options or {}), "passes": passes}, dump_dir=dump_ir,
+                    check=check)
 
 
 def _graph_name(source: ModelSource) -> str:
@@ -198,7 +202,7 @@ def _kv_layout(graph: Graph) -> Optional[dict[str, Any]]:
         "layers": len(past) // 2,
         "kv_heads": int(v.shape[1]),
         "head_dim": int(v.shape[3]),
-        "dtype": v.dtype.numpy.name,
+        "dtype": "bfloat16" if v.dtype.value == "bf16" else v.dtype.numpy.name,
         "layout": "[batch, kv_heads, past, head_dim]",
         "inputs": "past_key_values.{i}.key|value",
         "outputs": "present.{i}.key|value",

@@ -27,6 +27,11 @@ def pipeline_for(target, options: Optional[dict[str, Any]] = None) -> list[str]:
     names = list(FUSION_PIPELINE)
     if options.get("no_fusion"):
         names = ["canonicalize", "fold-constants", "cse", "dce"]
+    precision = getattr(target, "precision", "fp32")
+    if precision in ("fp16", "bf16"):
+        names += [f"precision-{precision}", "cse", "dce"]
+    if getattr(target, "contrib_ops", False) and target.precision in ("int4", "int8"):
+        names += ["quantize", "dce"]  # after fusion: merged projections quantize as one matrix
     return names
 
 

@@ -23,7 +23,7 @@ def _gqa_supported(node: Node, ins) -> bool:
     q, k, v = node.inputs[:3]
     return (a["mask"] in ("causal", "bidirectional") and ins[6] is None and ins[7] is None
             and q.shape[3] == k.shape[3] == v.shape[3]
-            and q.dtype in (DType.F32, DType.F16)
+            and q.dtype in (DType.F32, DType.F16, DType.BF16)
             and not (a["mask"] == "bidirectional" and ins[3] is not None))
 
 
@@ -62,15 +62,17 @@ def _padding_bias(ctx, node, ins, seq, dtype):
     if key in em.cache:
         return em.cache[key]
     valid = em.op("Cast", [mask], to=ONNX_DTYPE[DType.BOOL])
-    np_dtype = dtype.numpy
-    neg = NEG_INF_F32 if dtype is DType.F32 else float(np.finfo(np.float16).min)
-    bias = em.op("Where", [valid, em.const(np.array(0.0, np_dtype)),
-                           em.const(np.array(neg, np_dtype))])
+    neg = float(np.finfo(np.float16).min) if dtype is DType.F16 else NEG_INF_F32
+    bias = em.op("Where", [valid, em.const(np.array(0.0, np.float32)),
+                           em.const(np.array(neg, np.float32))])
     bias = em.op("Unsqueeze", [bias, em.i64(1, 2)])  # [b, 1, 1, T]
     # The kernel wants the query axis spelled out: add zeros of shape [1, 1, s, 1].
     zeros_shape = em.op("Concat", [em.i64(1, 1), seq, em.i64(1)], axis=0)
-    zeros = em.op("ConstantOfShape", [zeros_shape], value=_tensor(np.array([0.0], np_dtype)))
+    zeros = em.op("ConstantOfShape", [zeros_shape],
+                  value=_tensor(np.array([0.0], np.float32)))
     bias = em.op("Add", [bias, zeros])  # [b, 1, s, T]
+    if dtype is not DType.F32:
+        bias = em.op("Cast", [bias], to=ONNX_DTYPE[dtype])
     em.cache[key] = bias
     return bias
 
@@ -101,7 +103,8 @@ def gqa_attention(ctx, node, ins, outs) -> bool:
 def rotary_embedding(ctx, node, ins, outs) -> bool:
     x = node.inputs[0]
     b, s, h, d = x.shape
-    if not isinstance(h, int) or not isinstance(d, int) or x.dtype not in (DType.F32, DType.F16):
+    if not isinstance(h, int) or not isinstance(d, int) or \
+            x.dtype not in (DType.F32, DType.F16, DType.BF16):
         return False
     em = ctx.em
     x3 = em.op("Reshape", [ins[0], em.i64(0, 0, h * d)])

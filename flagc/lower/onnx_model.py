@@ -115,13 +115,16 @@ def lower_to_onnx(graph: Graph, target: Target, path: str, *,
 
 
 def _checked_array(req) -> np.ndarray:
-    arr = np.asarray(req.load())
-    if tuple(arr.shape) != req.shape:
-        raise LoweringError(f"weight {req.name!r}: loader returned shape {tuple(arr.shape)}, "
+    data = req.load()
+    if tuple(data.shape) != req.shape:
+        raise LoweringError(f"weight {req.name!r}: loader returned shape {tuple(data.shape)}, "
                             f"the graph expects {req.shape}")
-    if req.dtype is DType.BF16:
-        raise LoweringError(f"weight {req.name!r}: bf16 weights need the precision pass")
-    return np.ascontiguousarray(arr.astype(req.dtype.numpy, copy=False))
+    if req.dtype is DType.BF16:  # numpy has no bfloat16: write the raw 16-bit patterns
+        import torch
+
+        tensor = torch.as_tensor(data).to(torch.bfloat16).contiguous()
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(np.asarray(data).astype(req.dtype.numpy, copy=False))
 
 
 def _nbytes(req) -> int:

@@ -21,7 +21,6 @@ from flagc.lower.onnx_quant import lower_qlinear
 __all__ = ["lower_onnx", "LowerContext"]
 
 INT64_MAX = np.iinfo(np.int64).max
-NEG_INF_F32 = float(np.finfo(np.float32).min)  # finite "minus infinity": masked rows stay finite
 
 
 class LowerContext:
@@ -51,7 +50,12 @@ class LowerContext:
         """
         load = self.weight_loaders[v.name]
         return self.em.weight(v.name + ".T", self.weight_dtype(v), (v.shape[1], v.shape[0]),
-                              lambda: np.asarray(load()).T)
+                              lambda: _transposed_view(load()))
+
+
+def _transposed_view(data):
+    # bf16 weights arrive as torch tensors (numpy has no bfloat16); both support a lazy .T.
+    return data.T if hasattr(data, "T") else np.asarray(data).T
 
 
 LowerFn = Callable[[LowerContext, Node, list, list], None]
@@ -88,8 +92,20 @@ def _silu(ctx, node, ins, outs):
     ctx.em.op("Mul", [ins[0], ctx.em.op("Sigmoid", ins)], outs)
 
 
+def typed_scalar(ctx, value: float, dtype: DType) -> str:
+    """A scalar constant of `dtype` (bf16, which numpy lacks, as a cast of an fp32 constant
+    that onnxruntime folds at load)."""
+    if dtype is DType.BF16:
+        key = ("bf16-scalar", float(value))
+        if key not in ctx.em.cache:
+            ctx.em.cache[key] = ctx.em.op("Cast", [ctx.em.const(np.array(value, np.float32))],
+                                          to=ONNX_DTYPE[DType.BF16])
+        return ctx.em.cache[key]
+    return ctx.em.const(np.array(value, dtype=dtype.numpy))
+
+
 def _scalar(ctx, node, value: float) -> str:
-    return ctx.em.const(np.array(value, dtype=node.outputs[0].dtype.numpy))
+    return typed_scalar(ctx, value, node.outputs[0].dtype)
 
 
 def _gelu(ctx, node, ins, outs):
@@ -136,13 +152,23 @@ def _layer_norm(ctx, node, ins, outs):
 
 
 def _rms_norm(ctx, node, ins, outs):
-    # Standard-ONNX form; onnxruntime fuses it into SimplifiedLayerNormalization.
+    # Standard-ONNX form; onnxruntime fuses it into SimplifiedLayerNormalization. Squares of
+    # fp16 activations overflow, so reduced-precision inputs are normalized in fp32.
     em, x, w = ctx.em, ins[0], ins[1]
-    ms = em.op("ReduceMean", [em.op("Pow", [x, _scalar(ctx, node, 2.0)])], axes=[-1], keepdims=1)
-    inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [ms, _scalar(ctx, node, node.attrs["eps"])])])])
+    dtype = node.inputs[0].dtype
+    if dtype is not DType.F32:
+        x = em.op("Cast", [x], to=ONNX_DTYPE[DType.F32])
+    f32 = np.float32
+    ms = em.op("ReduceMean", [em.op("Pow", [x, em.const(np.array(2.0, f32))])], axes=[-1],
+               keepdims=1)
+    eps = em.const(np.array(node.attrs["eps"], f32))
+    inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [ms, eps])])])
+    normed = em.op("Mul", [x, inv])
+    if dtype is not DType.F32:
+        normed = em.op("Cast", [normed], to=ONNX_DTYPE[dtype])
     if node.attrs.get("offset"):
         w = em.op("Add", [w, _scalar(ctx, node, node.attrs["offset"])])
-    em.op("Mul", [em.op("Mul", [x, inv]), w], outs)
+    em.op("Mul", [normed, w], outs)
 
 
 def _add_norm(ctx, node, ins, outs):
@@ -268,6 +294,7 @@ def _attention_mask(ctx, node, ins, seq_source: str, total_source: str) -> str:
     em = ctx.em
     kind = node.attrs["mask"]
     mask, prefix = ins[5], ins[7]
+    dtype = np.dtype(np.float32)  # scores are masked and softmaxed in fp32 (see _attention)
     key = ("attn-mask", kind, mask, prefix)
     if key in em.cache:
         return em.cache[key]
@@ -290,8 +317,9 @@ def _attention_mask(ctx, node, ins, seq_source: str, total_source: str) -> str:
     if allowed is None:
         em.cache[key] = None
         return None
-    additive = em.op("Where", [allowed, em.const(np.array(0.0, np.float32)),
-                               em.const(np.array(NEG_INF_F32, np.float32))])
+    # A finite "minus infinity": fully masked rows (left padding) stay finite.
+    additive = em.op("Where", [allowed, em.const(np.array(0.0, dtype)),
+                               em.const(np.array(np.finfo(dtype).min, dtype))])
     if mask is not None or kind == "prefix":  # [b, S|1, T] -> [b, 1, 1, S|1, T]
         additive = em.op("Unsqueeze", [additive, em.i64(1, 2)])
     em.cache[key] = additive  # an [S, T] causal mask broadcasts as it is
@@ -317,24 +345,32 @@ def _attention(ctx, node, ins, outs):
         em.op("Identity", [vt], [outs[2]])
     K, V = outs[1], outs[2]
     # Grouped heads without copying K/V: q as [b, KV, G, s, d] against K as [b, KV, 1, d, T].
-    qs = em.op("Mul", [q, em.const(np.array(a["scale"], dtype=np.float32))])
+    qs = em.op("Mul", [q, typed_scalar(ctx, a["scale"], node.inputs[0].dtype)])
     qg = em.op("Transpose", [em.op("Reshape", [qs, em.i64(0, 0, KV, G, d)])], perm=[0, 2, 3, 1, 4])
     kT = em.op("Unsqueeze", [em.op("Transpose", [K], perm=[0, 1, 3, 2]), em.i64(2)])
     scores = em.op("MatMul", [qg, kT])  # [b, KV, G, s, T]
+    low = node.inputs[0].dtype is not DType.F32
+    if low:  # reduced precision: mask and softmax in fp32 (large negatives, exp range)
+        scores = em.op("Cast", [scores], to=ONNX_DTYPE[DType.F32])
     additive = _attention_mask(ctx, node, ins, q, K)
     if additive is not None:
         scores = em.op("Add", [scores, additive])
-    if ins[6] is not None and node.inputs[6].shape[1] == 1:
+    bias = ins[6]
+    if bias is not None and low:
+        bias = em.op("Cast", [bias], to=ONNX_DTYPE[DType.F32])
+    if bias is not None and node.inputs[6].shape[1] == 1:
         # A bias shared by all heads (a traced padding mask): [b|1, 1, s|1, T] broadcasts.
-        scores = em.op("Add", [scores, em.op("Unsqueeze", [ins[6], em.i64(2)])])
-    elif ins[6] is not None:
+        scores = em.op("Add", [scores, em.op("Unsqueeze", [bias, em.i64(2)])])
+    elif bias is not None:
         # [b|1, H, s, T] -> [b|1, KV, G, s, T]; built from Shape since s and T are dynamic.
-        shp = em.op("Shape", [ins[6]])
+        shp = em.op("Shape", [bias])
         target = em.op("Concat", [em.op("Slice", [shp, em.i64(0), em.i64(1), em.i64(0)]),
                                   em.i64(KV, G),
                                   em.op("Slice", [shp, em.i64(2), em.i64(4), em.i64(0)])], axis=0)
-        scores = em.op("Add", [scores, em.op("Reshape", [ins[6], target])])
+        scores = em.op("Add", [scores, em.op("Reshape", [bias, target])])
     probs = em.op("Softmax", [scores], axis=-1)
+    if low:
+        probs = em.op("Cast", [probs], to=ONNX_DTYPE[node.inputs[0].dtype])
     ctx_ = em.op("MatMul", [probs, em.op("Unsqueeze", [V, em.i64(2)])])  # [b, KV, G, s, d]
     ctx_t = em.op("Transpose", [ctx_], perm=[0, 3, 1, 2, 4])
     em.op("Reshape", [ctx_t, em.i64(0, 0, -1)], [outs[0]])

@@ -25,8 +25,8 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnx-fp32", "onnxruntime", "fp32", contrib_ops=True),
-    Target("onnx-fp16", "onnxruntime", "fp16", contrib_ops=True, implemented=False),
-    Target("onnx-bf16", "onnxruntime", "bf16", contrib_ops=True, implemented=False),
+    Target("onnx-fp16", "onnxruntime", "fp16", contrib_ops=True),
+    Target("onnx-bf16", "onnxruntime", "bf16", contrib_ops=True),
     Target("onnx-int8", "onnxruntime", "int8", contrib_ops=True, implemented=False),
     Target("onnx-int4", "onnxruntime", "int4", contrib_ops=True, implemented=False),
     Target("trt-fp32", "tensorrt", "fp32", contrib_ops=False),
