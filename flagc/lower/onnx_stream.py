@@ -20,7 +20,7 @@ from flagc.lower.onnx_emit import ONNX_DTYPE
 
 __all__ = ["external_tensor", "write_array", "release_freed_memory", "BLOCK_BYTES", "ALIGN"]
 
-BLOCK_BYTES = 32 * 2**20  # converted bytes per block: big enough to stream at disk speed
+BLOCK_BYTES = 16 * 2**20  # converted bytes per block: big enough to stream at disk speed
 ALIGN = 64  # aligned offsets let onnxruntime memory-map tensors directly
 _TRIM_BYTES = 8 * 2**20  # trimming after smaller tensors costs more time than it returns
 
@@ -62,6 +62,7 @@ def write_array(arr: np.ndarray, dtype: np.dtype, f, block_bytes: int = BLOCK_BY
         block = rows[start:start + step].to(target).contiguous().numpy()
         f.write(block.reshape(-1).view(np.uint8).data)
         written += block.nbytes
+        del block
     return written
 
 
@@ -89,6 +90,7 @@ def _write_transposed(src: np.ndarray, dtype: np.dtype, f, block_bytes: int) -> 
         view = memoryview(tile.reshape(-1).view(np.uint8))
         for r in range(out_rows):
             os.pwrite(fd, view[r * stride:(r + 1) * stride], base + (r * out_cols + s) * size)
+        del tile, view  # before the next tile is made: one tile alive, not two
     total = out_rows * out_cols * size
     f.seek(base + total)
     return total
