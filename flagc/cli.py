@@ -49,6 +49,9 @@ def build(
                                  help="print the plan and its memory/disk estimate; build nothing"),
     force: bool = typer.Option(False, "--force",
                                help="build even when the estimate says it will not fit"),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir",
+                                            help="where zoo / hub model names live"),
+    frontend: str = typer.Option("auto", "--frontend", help="auto, torch (torch.export) or dsl"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -64,7 +67,8 @@ def build(
         return
     result = api.build(model, target, output, custom=custom, max_seq=max_seq,
                        max_batch=max_batch, task=task, random_weights=random_weights,
-                       seed=seed, check_resources=not force)
+                       seed=seed, check_resources=not force, model_dir=model_dir,
+                       frontend=frontend)
     if not quiet:
         g = result["graph"]
         typer.echo(f"built {result.path} ({result['target']['name']}, {g['nodes']} nodes, "
@@ -90,13 +94,19 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print token ids and text as JSON"),
     device: str = typer.Option("cpu", "--device"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    pair: Optional[str] = typer.Option(None, "--pair", help="second sentence (semantic matching)"),
 ):
-    """Run an artifact: generate text from a prompt."""
+    """Run an artifact: text for generation, vectors / labels for encoder tasks."""
     from flagc import api
 
     if (prompt is None) == (ids is None):
         raise FlagcError("give exactly one of --prompt TEXT or --ids 1,2,3")
     model = api.load(artifact, device=device, threads=threads)
+    if model.manifest.get("zoo", {}).get("kind") == "encoder":
+        from flagc.runtimes.encoder import run_task
+
+        typer.echo(run_task(model, prompt if prompt is not None else "", pair, as_json))
+        return
     source = prompt if prompt is not None else _parse_ids(ids)
     printer = None
     if stream and not as_json:

@@ -121,3 +121,26 @@ class Encoder:
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def run_task(model, text: str, pair: str | None = None, as_json: bool = False) -> str:
+    """`flagc run` for encoder artifacts: the task's result for one text, printable."""
+    import json
+
+    task = model.manifest.get("zoo", {}).get("task")
+    if task == "classification":
+        result: Any = model.classify([text], None if pair is None else [pair])[0]
+        return json.dumps(result, ensure_ascii=False) if as_json else result["label"]
+    if task == "sequence_labeling":
+        pairs = model.label([text])[0]
+        if as_json:
+            return json.dumps([{"token": t, "label": lab} for t, lab in pairs],
+                              ensure_ascii=False)
+        return "\n".join(f"{t}\t{lab}" for t, lab in pairs)
+    vector = model.embed([text])[0]
+    if as_json:
+        return json.dumps({"embedding": [float(x) for x in vector]})
+    return " ".join(f"{x:.6f}" for x in vector)
+
+
+__all__ += ["run_task"]
