@@ -12,7 +12,7 @@ from flagc.ir.graph import Node
 from flagc.ir.types import DType
 from flagc.lower.onnx_emit import ONNX_DTYPE
 
-__all__ = ["gqa_attention", "rotary_embedding"]
+__all__ = ["gqa_attention", "mha_attention", "rotary_embedding"]
 
 MS = "com.microsoft"
 NEG_INF_F32 = float(np.finfo(np.float32).min)
@@ -112,4 +112,42 @@ def rotary_embedding(ctx, node, ins, outs) -> bool:
                interleaved=int(bool(node.attrs["interleaved"])), num_heads=h,
                rotary_embedding_dim=int(node.attrs["rotary_dim"]))
     em.op("Reshape", [y3, em.i64(0, 0, h, d)], outs)
+    return True
+
+
+def _mha_supported(node: Node, ins) -> bool:
+    a = node.attrs
+    q, k, v = node.inputs[:3]
+    bias = node.inputs[6] if len(node.inputs) > 6 else None
+    return (a["mask"] == "bidirectional" and ins[3] is None and ins[5] is None
+            and ins[7] is None and a["num_heads"] == a["kv_heads"]
+            and q.dtype in (DType.F32, DType.F16)
+            and (bias is None or (bias.rank == 4 and bias.shape[1] == 1)))
+
+
+def mha_attention(ctx, node, ins, outs) -> bool:
+    """Encoder self-attention (no cache, all heads distinct) on MultiHeadAttention; a padding
+    bias shared by the heads is passed as attention_bias."""
+    if not _mha_supported(node, ins):
+        return False
+    em, a = ctx.em, node.attrs
+    q3 = em.op("Reshape", [ins[0], em.i64(0, 0, -1)])
+    k3 = em.op("Reshape", [ins[1], em.i64(0, 0, -1)])
+    v3 = em.op("Reshape", [ins[2], em.i64(0, 0, -1)])
+    bias = ins[6]
+    if bias is not None and node.inputs[6].shape[2] == 1:
+        key = ("mha-bias", bias)
+        if key not in em.cache:  # the kernel wants [b|1, 1, s, T]: spell out the query axis
+            seq = em.op("Slice", [em.op("Shape", [q3]), em.i64(1), em.i64(2), em.i64(0)])
+            zeros = em.op("ConstantOfShape", [em.op("Concat", [em.i64(1, 1), seq, em.i64(1)],
+                                                    axis=0)],
+                          value=_tensor(np.array([0.0], node.inputs[6].dtype.numpy)))
+            em.cache[key] = em.op("Add", [bias, zeros])
+        bias = em.cache[key]
+    em.op("MultiHeadAttention", [q3, k3, v3, None, None, bias], [outs[0]], domain=MS,
+          num_heads=int(a["num_heads"]), scale=float(a["scale"]))
+    # The presents of an encoder attention are its keys/values, heads first (rarely read).
+    for i in (1, 2):
+        if ctx.is_used(node.outputs[i]):
+            em.op("Transpose", [ins[i]], [outs[i]], perm=[0, 2, 1, 3])
     return True

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from flagc.errors import LoweringError
 from flagc.ir.graph import Graph, Value
@@ -39,6 +39,8 @@ def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]
     ctx = LowerContext(em, weight_dtype=lambda v: v.dtype, contrib_ops=target.contrib_ops)
     for name in graph.weights:
         ctx.weight_loaders[name] = (lambda n=name: graph.load_weight(n))
+    ctx.used = {v for n in graph.nodes for v in n.inputs if v is not None} | \
+        set(graph.outputs.values())
     for v in graph.inputs:
         ctx.names[v] = v.name
     output_names: dict[Value, str] = {}

@@ -14,9 +14,8 @@ from flagc.errors import LoweringError
 from flagc.ir.graph import Node, Value
 from flagc.ir.ops import Op
 from flagc.ir.types import DType
-from flagc.lower.onnx_contrib import gqa_attention, rotary_embedding
+from flagc.lower.onnx_contrib import gqa_attention, mha_attention, rotary_embedding
 from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
-from flagc.lower.onnx_quant import lower_qlinear
 
 __all__ = ["lower_onnx", "LowerContext"]
 
@@ -30,9 +29,13 @@ class LowerContext:
                  contrib_ops: bool = False):
         self.em = em
         self.contrib_ops = contrib_ops  # may emit onnxruntime's com.microsoft fused ops
+        self.used: Optional[set[Value]] = None  # values something reads (None: assume all)
         self.names: dict[Value, str] = {}
         self.weight_dtype = weight_dtype
         self.weight_loaders: dict[str, Callable[[], np.ndarray]] = {}
+
+    def is_used(self, v: Value) -> bool:
+        return self.used is None or v in self.used
 
     def name(self, v: Optional[Value]) -> Optional[str]:
         if v is None:
@@ -327,7 +330,8 @@ def _attention_mask(ctx, node, ins, seq_source: str, total_source: str) -> str:
 
 
 def _attention(ctx, node, ins, outs):
-    if ctx.contrib_ops and gqa_attention(ctx, node, ins, outs):
+    if ctx.contrib_ops and (gqa_attention(ctx, node, ins, outs) or
+                            mha_attention(ctx, node, ins, outs)):
         return
     em = ctx.em
     a = node.attrs
@@ -403,7 +407,6 @@ lower_onnx.update({
     Op.ROTARY: _rotary,
     Op.ATTENTION: _attention,
     Op.LAST_TOKEN: _last_token,
-    Op.QLINEAR: lower_qlinear,
 })
 
 
