@@ -148,9 +148,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_seq: int, vocab_size: in
         raise RuntimeInputError("every prompt needs at least one token")
     for row, p in enumerate(prompts):
         if len(p) > max_seq:
-            raise RuntimeInputError(f"prompt {row} has {len(p)} tokens, more than the artifact's "
-                                    f"max sequence length {max_seq} (shorten it or rebuild with "
-                                    "a larger --max-seq)")
+            which = f" (prompt {row} of the batch)" if len(prompts) > 1 else ""
+            raise RuntimeInputError(f"prompt of {len(p)} tokens is longer than the artifact's max "
+                                    f"sequence length {max_seq}{which}; shorten it or rebuild "
+                                    "with a larger --max-seq")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise RuntimeInputError(f"prompt {row} holds token id {bad[0]} outside the "

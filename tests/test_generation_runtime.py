@@ -175,8 +175,10 @@ def test_prompt_over_the_context_limit_is_a_clear_error(built):
     too_long = ",".join(["5"] * 257)
     res = CliRunner().invoke(app, ["run", out, "--ids", too_long, "-n", "2"])
     assert res.exit_code == 1
-    assert "prompt 0 has 257 tokens, more than the artifact's max sequence length 256" \
+    assert "prompt of 257 tokens is longer than the artifact's max sequence length 256" \
         in res.output
+    with pytest.raises(RuntimeInputError, match=r"300 tokens .* length 256 \(prompt 1 of the"):
+        flagc.load(out).generate([[5, 6], [5] * 300])
     with pytest.raises(RuntimeInputError, match="leaves no room to generate"):
         flagc.load(out).generate([5] * 256)
 
