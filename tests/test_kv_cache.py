@@ -141,3 +141,41 @@ def test_memory_figures_and_inspect(artifact):
         in res.output
     res = CliRunner().invoke(app, ["inspect", artifact])  # defaults: max batch x max seq
     assert "batch 8 x 256 tokens: 2.0 MiB" in res.output
+
+
+class _Recorder:
+    """Records what a cache binds (stands in for an engine binding)."""
+
+    def __init__(self):
+        self.inputs, self.outputs = {}, {}
+
+    def input_buffer(self, name, device, device_id, dtype, shape, ptr):
+        self.inputs[name] = (tuple(shape), ptr)
+
+    def output_buffer(self, name, device, device_id, dtype, shape, ptr):
+        self.outputs[name] = (tuple(shape), ptr)
+
+
+def test_bindings_ping_pong_and_the_shared_buffer_seam():
+    ids, valid = np.array([[4, 5, 6]]), np.ones((1, 3), dtype=np.int64)
+    cache = KVCache(KVLayout(1, 2, 8, "float32"), max_rows=2, max_tokens=32)
+    cache.reset(1, 10)
+    rec = _Recorder()
+    cache.begin_step(ids, valid)
+    cache.bind(rec, 3)
+    past, present = rec.inputs["past_key_values.0.key"], rec.outputs["present.0.key"]
+    assert past[0] == (1, 2, 0, 8) and present[0] == (1, 2, 3, 8) and past[1] != present[1]
+    cache.commit(ids, valid)
+    cache.bind(rec, 1)  # the next step reads what the last one wrote
+    assert rec.inputs["past_key_values.0.key"] == ((1, 2, 3, 8), present[1])
+    # "shared_buffer": one max-length buffer is both past and present; nothing swaps.
+    shared = KVCache(KVLayout(1, 2, 8, "float32", shared_buffer=True), max_rows=2, max_tokens=32)
+    shared.reset(1, 10)
+    assert shared.capacity_tokens == 32
+    for _ in range(2):
+        shared.begin_step(ids, valid)
+        shared.bind(rec, 3)
+        assert rec.inputs["past_key_values.0.value"] == rec.outputs["present.0.value"]
+        assert rec.inputs["past_key_values.0.value"][0] == (1, 2, 32, 8)
+        shared.commit(ids, valid)
+    assert shared.length == 6 and shared.positions.tolist() == [6]
