@@ -88,6 +88,12 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
 
             files, trt_info = lower_to_trt(graph, tgt, tmp, output=output, max_seq=max_seq,
                                            max_batch=max_batch, io=_io_signature(graph))
+            for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
+                _optimize(extra, tgt, None, check, passes, pass_options)
+                more, trt_info.setdefault("companions", {})[role] = lower_to_trt(
+                    extra, tgt, tmp, output=output, max_seq=max_seq, max_batch=max_batch,
+                    io=_io_signature(extra), engine_file=f"{role}.plan")
+                files += more
         else:
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
@@ -100,9 +106,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         manifest["build"]["declined_rewrites"] = pass_ctx.declined
         if pass_ctx.plan:
             manifest["precision_plan"] = pass_ctx.plan
+        manifest.update(_zoo_manifest(graph))
         if tgt.backend == "tensorrt":
             update_manifest(manifest, trt_info)
-        manifest.update(_zoo_manifest(graph))
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)

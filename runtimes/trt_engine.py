@@ -42,10 +42,19 @@ def _trt_section(folder: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def check_plan(folder: str, manifest: dict[str, Any]) -> bytes:
-    """The engine bytes, after checking size and sha256 against the manifest."""
+def check_plan(folder: str, manifest: dict[str, Any], role: str | None = None) -> bytes:
+    """The engine bytes, after checking size and sha256 against the manifest.
+
+    `role` names a companion engine (T5's "encoder"); without it the main engine is read and
+    every companion's digest is checked too, so a damaged artifact is refused as a whole.
+    """
     info = _trt_section(folder, manifest)
-    path = os.path.join(folder, manifest["engine"])
+    if role is None:
+        for other in info.get("companions", {}):
+            check_plan(folder, manifest, other)
+    else:
+        info = info["companions"][role]
+    path = os.path.join(folder, info.get("engine") or manifest["engine"])
     try:
         with open(path, "rb") as f:
             data = f.read()

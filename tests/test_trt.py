@@ -236,11 +236,11 @@ def test_fp16_onnx_the_engine_was_built_from_matches_fp32(llama_builds):
 
 
 def test_trt_fp16_converter_fallback_numerics_and_engine(llama_builds, tmp_path):
-    """flagc.lower.trt_fp16 (used when the graph reaches lowering without a precision plan)."""
+    """flagc.lower.onnx_trt_fp16 (used when the graph reaches lowering without a precision plan)."""
     import onnx
 
     from flagc.lower.trt_build import build_engine
-    from flagc.lower.trt_fp16 import convert_to_fp16
+    from flagc.lower.onnx_trt_fp16 import convert_to_fp16
 
     m = _manifest(llama_builds["trt-fp32"])
     path = str(tmp_path / "fp16.onnx")

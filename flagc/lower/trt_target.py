@@ -31,16 +31,20 @@ TIMING_CACHE_NAME = ".flagc-trt-timing-{flavor}-{version}.cache"
 
 def lower_to_trt(graph: Graph, target: Target, folder: str, *, output: str, max_seq: int,
                  max_batch: int, io: Mapping[str, Sequence[Mapping[str, Any]]],
+                 engine_file: str | None = None,
                  calibration: Sequence[Mapping[str, Any]] | None = None,
                  ) -> tuple[list[str], dict[str, Any]]:
     """Write `folder/engine.plan`; returns (files written, the manifest's `tensorrt` section).
 
     Args:
         folder: the staged artifact folder.
+        engine_file: the plan's name (default the target's `engine.plan`; a companion graph
+            such as T5's encoder gets `encoder.plan`).
         output: the final artifact path; the shared timing cache lives beside it.
         io: the IR's io signature (`api._io_signature`), whose symbolic dims give the profiles.
         calibration: int8 only: input feeds for activation ranges (default: random token ids).
     """
+    from flagc.lower.onnx_trt import write_trt_onnx
     from flagc.lower.trt_build import build_engine, load_tensorrt
     from flagc.lower.trt_profiles import profile_shapes
 
@@ -49,34 +53,43 @@ def lower_to_trt(graph: Graph, target: Target, folder: str, *, output: str, max_
     flavor = load_tensorrt()  # fail before the (long) lowering when TensorRT is missing
     keep = os.environ.get(KEEP_ONNX_ENV) == "1"
     onnx_dir = folder if keep else tempfile.mkdtemp(prefix=".trt-onnx-", dir=folder)
-    onnx_path = os.path.join(onnx_dir, "trt.onnx")
+    engine_file = engine_file or target.engine_file
+    stem = "trt" if engine_file == target.engine_file else engine_file.rsplit(".", 1)[0] + ".trt"
+    onnx_path = os.path.join(onnx_dir, stem + ".onnx")
     try:
-        precision = _write_onnx(graph, target, onnx_path, calibration)
+        precision = write_trt_onnx(graph, target, onnx_path, calibration)
         profiles = profile_shapes(io["inputs"], max_batch, max_seq)
         cache = os.path.join(os.path.dirname(os.path.abspath(output)),
                              TIMING_CACHE_NAME.format(flavor=flavor.name, version=flavor.version))
-        engine_path = os.path.join(folder, target.engine_file)
+        engine_path = os.path.join(folder, engine_file)
         info = build_engine(onnx_path, engine_path, profiles, flavor=flavor, timing_cache=cache)
     finally:
         if not keep:
             shutil.rmtree(onnx_dir, ignore_errors=True)
-    kept = [f for f in ("trt.onnx", "trt.onnx.data")
+    kept = [f for f in (stem + ".onnx", stem + ".onnx.data")
             if keep and os.path.exists(os.path.join(folder, f))]
     info["precision"] = precision
     info["onnx"] = {"kept": kept, "opset": target.opset}
     info["sha256"], info["bytes"] = plan_digest(engine_path)
-    return [target.engine_file] + kept, info
+    info["engine"] = engine_file
+    return [engine_file] + kept, info
 
 
 def update_manifest(manifest: dict[str, Any], info: Mapping[str, Any]) -> None:
     """Put the engine's section into the manifest and make its io/KV dtypes the engine's own
-    (an fp16 engine takes and returns fp16 cache tensors, whatever the IR said)."""
+    (an fp16 engine takes and returns fp16 cache tensors, whatever the IR said).
+
+    Companion engines (`info["companions"]`, e.g. T5's encoder) replace the `.onnx` engine name
+    and io dtypes of their manifest section (`manifest[role]`) the same way.
+    """
     manifest["tensorrt"] = dict(info)
+    _retype(manifest["io"], info["io"])
+    for role, sub in info.get("companions", {}).items():
+        section = manifest.setdefault(role, {})
+        section["engine"] = sub["engine"]
+        if "io" in section:
+            _retype(section["io"], sub["io"])
     engine_io = {sig["name"]: sig for part in ("inputs", "outputs") for sig in info["io"][part]}
-    for part in ("inputs", "outputs"):
-        for sig in manifest["io"][part]:
-            if sig["name"] in engine_io:
-                sig["dtype"] = engine_io[sig["name"]]["dtype"]
     kv = manifest.get("kv_cache")
     past = engine_io.get("past_key_values.0.key")
     if kv and past:
@@ -84,55 +97,11 @@ def update_manifest(manifest: dict[str, Any], info: Mapping[str, Any]) -> None:
             past["dtype"], kv["dtype"])
 
 
-def _write_onnx(graph: Graph, target: Target, path: str, calibration) -> dict[str, Any]:
-    from flagc.lower.onnx_model import lower_to_onnx
-
-    lower_to_onnx(graph, target, path)
-    planned = any(v.dtype.value == "f16" for v in list(graph.inputs) + list(graph.weights.values()))
-    if target.precision == "fp32":
-        return {"compute": "fp32"}
-    if target.precision == "fp16" and planned:
-        return {"compute": "fp16", "planned_by": "passes (precision plan in the IR)"}
-    if target.precision == "fp16":
-        from flagc.lower.trt_fp16 import KEEP_FP32, convert_to_fp16
-
-        _rewrite(path, convert_to_fp16)
-        return {"compute": "fp16", "planned_by": "flagc.lower.trt_fp16",
-                       "fp32_ops": sorted(KEEP_FP32)}
-    if target.precision == "int8":
-        from flagc.lower.trt_int8 import calibrate_linear_inputs, insert_qdq
-
-        amax = calibrate_linear_inputs(graph, calibration)
-        info: dict[str, Any] = {}
-        _rewrite(path, lambda m: (info.update(insert_qdq(m, amax)), m)[1])
-        info["calibration"] = ("caller samples" if calibration else
-                               "2 random token-id batches (2 x 16) through the IR interpreter")
-        return {"compute": "int8 Q/DQ around fp32", **info}
-    raise LoweringError(f"target {target.name!r}: precision {target.precision!r} has no "
-                        "TensorRT lowering")
-
-
-def _rewrite(path: str, fn) -> None:
-    """Load the lowered ONNX (with its external data), transform it, write it back."""
-    import onnx
-
-    from flagc.lower.onnx_model import EXTERNAL_DATA_THRESHOLD
-
-    model = fn(onnx.load(path))
-    data = path + ".data"
-    if os.path.exists(data):
-        os.remove(data)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:  # protobuf caps one message at 2 GB
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(data), size_threshold=1024)
-    else:
-        onnx.save_model(model, path)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except Exception as exc:
-        raise LoweringError(f"the TensorRT ONNX {path} is inconsistent after the precision "
-                            f"rewrite: {exc}") from exc
+def _retype(io: dict[str, Any], engine: Mapping[str, Any]) -> None:
+    types = {sig["name"]: sig["dtype"] for part in ("inputs", "outputs") for sig in engine[part]}
+    for part in ("inputs", "outputs"):
+        for sig in io[part]:
+            sig["dtype"] = types.get(sig["name"], sig["dtype"])
 
 
 def plan_digest(path: str) -> tuple[str, int]:
