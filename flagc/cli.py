@@ -52,6 +52,17 @@ def build(
     model_dir: Optional[str] = typer.Option(None, "--model-dir",
                                             help="where zoo / hub model names live"),
     frontend: str = typer.Option("auto", "--frontend", help="auto, torch (torch.export) or dsl"),
+    dump_ir: Optional[str] = typer.Option(None, "--dump-ir",
+                                          help="folder for the IR after each pass (NN-pass.ir)"),
+    check: bool = typer.Option(False, "--check",
+                               help="interpret before/after each pass; name the first that "
+                                    "changes the numbers"),
+    passes: Optional[str] = typer.Option(None, "--passes",
+                                         help="comma-separated pass list instead of the "
+                                              "target's pipeline"),
+    pass_option: list[str] = typer.Option([], "--pass-option",
+                                          help="KEY=VALUE read by passes (repeatable), e.g. "
+                                               "fp16_limit=4096"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -68,11 +79,35 @@ def build(
     result = api.build(model, target, output, custom=custom, max_seq=max_seq,
                        max_batch=max_batch, task=task, random_weights=random_weights,
                        seed=seed, check_resources=not force, model_dir=model_dir,
-                       frontend=frontend)
+                       frontend=frontend, dump_ir=dump_ir, check=check,
+                       passes=passes.split(",") if passes else None,
+                       pass_options=_pass_options(pass_option))
     if not quiet:
+        for p in result["build"]["passes"]:
+            if p["rewrites"]:
+                done = ", ".join(f"{k} {v}" for k, v in p["rewrites"].items())
+                typer.echo(f"  {p['name']:<20} {p['seconds'] * 1e3:7.1f} ms  {done}")
         g = result["graph"]
         typer.echo(f"built {result.path} ({result['target']['name']}, {g['nodes']} nodes, "
                    f"{g['parameters'] / 1e6:.1f}M parameters, {result['build']['seconds']:.1f} s)")
+
+
+def _pass_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> a dict; values parse as JSON when they can (numbers, booleans)."""
+    import json
+
+    from flagc.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--pass-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 @app.command()

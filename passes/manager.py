@@ -169,23 +169,22 @@ def random_feeds(graph: Graph, seed: int = 0, batch: int = 2, seq: int = 5, past
 
     rng = np.random.default_rng(seed)
     symbols = {"batch": batch, "seq": seq, "past": past}
-    vocab = None
-    for v in graph.weights.values():
-        if v.name and "embed" in v.name and len(v.shape) == 2:
-            vocab = int(v.shape[0])
-            break
+    # Integer inputs index embedding tables: draw below the smallest table each one reads.
+    bounds: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op.value == "embedding" and n.inputs[0].kind == "input":
+            name, rows = n.inputs[0].name, int(n.inputs[1].shape[0])
+            bounds[name] = min(bounds.get(name, rows), rows)
     feeds = {}
     for v in graph.inputs:
         shape = tuple(eval_dim(d, symbols) if not isinstance(d, int) else d for d in v.shape)
         if v.name == "position_ids":
             feeds[v.name] = np.broadcast_to(np.arange(past, past + seq), shape).astype(np.int64)
-        elif v.name == "attention_mask":
-            feeds[v.name] = np.ones(shape, np.int64)
+        elif v.name == "attention_mask" or v.dtype is DType.BOOL:
+            feeds[v.name] = np.ones(shape, v.dtype.numpy)
         elif v.dtype in (DType.I64, DType.I32):
-            high = vocab or 2
-            feeds[v.name] = rng.integers(0, high, size=shape).astype(v.dtype.numpy)
-        elif v.dtype is DType.BOOL:
-            feeds[v.name] = np.ones(shape, bool)
+            feeds[v.name] = rng.integers(0, bounds.get(v.name, 2), size=shape).astype(
+                v.dtype.numpy)
         else:
             feeds[v.name] = rng.standard_normal(shape).astype(v.dtype.numpy)
     return feeds

@@ -46,6 +46,11 @@ def calibrate(graph: Graph, feeds: Optional[dict] = None) -> dict[Value, float]:
             for v, t in env.items() if t.is_floating_point()}
 
 
+def _constant_branches(node: Node) -> bool:
+    return all(v is not None and v.producer is not None and v.producer.op is Op.CONSTANT
+               for v in node.inputs[1:3])
+
+
 def _float_out(node: Node) -> bool:
     return any(v.dtype.is_float for v in node.outputs)
 
@@ -64,6 +69,8 @@ def _decide(graph: Graph, low: DType, ranges: Optional[dict[Value, float]], limi
             reason = f"{n.op.value} overflows in reduced precision"
         elif id(n) in tail:
             reason = "one of the last nodes (the model head)"
+        elif n.op is Op.WHERE and _constant_branches(n):
+            reason = None  # a mask: its constants saturate to fp16's range (see as_dtype)
         elif ranges is not None and low is DType.F16:
             peak = max((ranges.get(v, 0.0) for v in list(n.outputs) +
                         [x for x in n.inputs if x is not None and x.dtype.is_float]),
@@ -128,10 +135,18 @@ def _rewrite(graph: Graph, choice: dict[int, DType], low: DType) -> dict[str, in
             return v
         key = (v, dtype)
         if key not in casts:
-            cast = make_node(Op.CAST, [v], {"dtype": dtype.value}, scope)
-            nodes.append(cast)
-            casts[key] = cast.outputs[0]
-            counts["casts inserted"] += 1
+            if v.producer is not None and v.producer.op is Op.CONSTANT and dtype is DType.F16:
+                # Saturate: a mask's "minus infinity" (fp32 min) must stay finite in fp16, or
+                # fully masked rows turn into NaN.
+                info = np.finfo(np.float16)
+                value = np.clip(np.asarray(v.producer.attrs["value"], np.float32),
+                                info.min, info.max).astype(np.float16)
+                node = make_node(Op.CONSTANT, [], {"value": value}, scope)
+            else:
+                node = make_node(Op.CAST, [v], {"dtype": dtype.value}, scope)
+                counts["casts inserted"] += 1
+            nodes.append(node)
+            casts[key] = node.outputs[0]
         return casts[key]
 
     for n in graph.nodes:
