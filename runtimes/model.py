@@ -68,8 +68,15 @@ class LoadedModel:
         from flagc.runtimes.ort_engine import OrtEngine
         from flagc.runtimes.seq2seq import Seq2SeqGenerator
 
-        enc = OrtEngine(self.folder, {**self.manifest, "engine": self.manifest["encoder"]["engine"]},
-                        getattr(self.engine, "device", "cpu"))
+        if self.manifest["target"].get("backend") == "tensorrt":
+            from flagc.runtimes.trt_engine import TrtEngine
+
+            enc = TrtEngine(self.folder, self.manifest, device=f"cuda:{self.engine.device_id}",
+                            role="encoder")
+        else:
+            enc = OrtEngine(self.folder, {**self.manifest,
+                                          "engine": self.manifest["encoder"]["engine"]},
+                            getattr(self.engine, "device", "cpu"))
         return Seq2SeqGenerator(enc, self.engine, self.manifest)
 
     @property

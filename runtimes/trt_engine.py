@@ -148,11 +148,13 @@ class TrtEngine:
     """A TensorRT engine with the OrtEngine interface (see the module docstring)."""
 
     def __init__(self, folder: str, manifest: dict[str, Any], device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, role: str | None = None):
+        """`role` loads a companion engine instead of the main one (T5's "encoder")."""
         import torch
 
-        data = check_plan(folder, manifest)
+        data = check_plan(folder, manifest, role)
         info = manifest["tensorrt"]
+        engine_file = info["companions"][role]["engine"] if role else manifest["engine"]
         trt = load_flavor(info)
         index = check_device(info, device)
         torch.cuda.set_device(index)
@@ -160,7 +162,7 @@ class TrtEngine:
         self._runtime = trt.Runtime(log)  # kept alive: the engine refers to it
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise ArtifactError(f"{os.path.join(folder, manifest['engine'])}: {info['flavor']} "
+            raise ArtifactError(f"{os.path.join(folder, engine_file)}: {info['flavor']} "
                                 f"{trt.__version__} cannot deserialize the engine: "
                                 + ("; ".join(log.errors[-3:]) or "no message"))
         context = engine.create_execution_context()
@@ -168,16 +170,17 @@ class TrtEngine:
             raise RuntimeInputError("TensorRT could not create an execution context: "
                                     + ("; ".join(log.errors[-3:]) or "out of GPU memory?"))
         self._engine = engine
-        self._setup(manifest, context, torch.device("cuda", index), trt)
+        self._setup(manifest, context, torch.device("cuda", index), role)
 
     @classmethod
-    def from_context(cls, manifest: dict[str, Any], context, device, trt=None) -> "TrtEngine":
+    def from_context(cls, manifest: dict[str, Any], context, device,
+                     role: str | None = None) -> "TrtEngine":
         """An engine over an existing execution context (tests use a stand-in context)."""
         self = cls.__new__(cls)
-        self._setup(manifest, context, device, trt)
+        self._setup(manifest, context, device, role)
         return self
 
-    def _setup(self, manifest, context, device, trt) -> None:
+    def _setup(self, manifest, context, device, role) -> None:
         import torch
 
         self.manifest = manifest
@@ -188,7 +191,9 @@ class TrtEngine:
         # host memory, bound by pointer and staged through device buffers each step.
         self.device = "cuda" if device.type == "cuda" and _ort_cuda() else "cpu"
         self.device_id = device.index or 0
-        io = manifest["tensorrt"]["io"]
+        self.info = manifest["tensorrt"] if role is None else \
+            manifest["tensorrt"]["companions"][role]
+        io = self.info["io"]
         self.input_names = [s["name"] for s in io["inputs"]]
         self.output_names = [s["name"] for s in io["outputs"]]
         self.dtypes = {s["name"]: np.dtype(_NP[s["dtype"]]) for s in io["inputs"] + io["outputs"]}
@@ -379,5 +384,5 @@ class TrtBinding:
             self._results[name] = _HostOutput(out)
 
     def _profile(self, name: str) -> Any:
-        prof = self.engine.manifest["tensorrt"].get("profiles") or [{}]
+        prof = self.engine.info.get("profiles") or [{}]
         return prof[0].get(name)
