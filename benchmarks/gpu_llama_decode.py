@@ -203,6 +203,13 @@ def main(argv=None) -> dict:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on an H100/H200, or pass --tiny for the CPU smoke check")
+    if args.device.startswith("cuda") and "flagc" in args.engines:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():  # fail before building
+            sys.exit("flagc on cuda needs onnxruntime-gpu (CUDAExecutionProvider); on the GPU "
+                     "host see ../shared/gpu/README.md (install-ort-gpu.sh), or leave flagc "
+                     "out with --engines eager,compile")
     config = TINY if args.tiny else FULL
     model_dir = os.path.join(args.work, "model")
     art = os.path.join(args.work, args.target)
