@@ -137,7 +137,7 @@ class LoadedModel:
         return ids
 
     def generate(self, prompt_or_ids, *, chat: bool = False, stream=None, resume: bool = False,
-                 **sampling):
+                 glm_tokens=None, **sampling):
         """Generate from one prompt (text or token ids) or a list of them.
 
         Sampling and beam options are keywords (max_new_tokens, temperature, top_k, top_p, seed,
@@ -145,6 +145,8 @@ class LoadedModel:
         SamplingParams). `resume` continues the conversation held in the KV cache: only the
         tokens after the longest cached prefix of the (single) prompt are run.
         Returns a GenerationResult, or a list of them when given a list of prompts.
+        GLM artifacts fill the prompt's blank; `glm_tokens` overrides the special token ids
+        their tokenizer would give ({'mask': [...], 'gmask', 'sop', 'eop'}).
         """
         single = isinstance(prompt_or_ids, str) or (
             len(prompt_or_ids) > 0 and isinstance(prompt_or_ids[0], (int, np.integer)))
@@ -157,6 +159,13 @@ class LoadedModel:
         decode = self.tokenizer.decode if self.has_tokenizer else None
         if "encoder" in self.manifest:  # encoder-decoder (T5): flagc.runtimes.seq2seq
             results = self._seq2seq().generate(ids, params, gen.get("eos_token_ids", []), decode)
+            return results[0] if single else results
+        if self.manifest.get("zoo", {}).get("kind") == "glm":  # flagc.runtimes.glm_generate
+            from flagc.runtimes.glm_generate import GLMGenerator
+
+            tokens = glm_tokens or GLMGenerator.special_ids(self.tokenizer)
+            glm = GLMGenerator(self.engine, self.manifest)
+            results = [glm.generate_one(p, params, tokens, decode) for p in ids]
             return results[0] if single else results
         on_text = None
         if stream is not None:

@@ -302,3 +302,23 @@ def test_checkpoint_missing_tensor_is_named(hf_models, tmp_path):
     with pytest.raises(CheckpointError, match="mlp.fc_in.weight"):
         api.build(str(broken), "onnx-fp32", str(tmp_path / "out"), task="lm", frontend="torch")
     assert not (tmp_path / "out").exists()
+
+
+def test_glm_blank_infilling_matches_zoo_loop(tmp_path_factory):
+    """The artifact's GLM generation is token-identical to the zoo's FlagAI-style loop."""
+    from flagc.models.glm import GLMModel, glm_generate_blank
+
+    folder = tmp_path_factory.mktemp("glm-gen")
+    meta = json.loads((FIXTURE / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta["config"], "model_type": "glm"}))
+    shutil.copy(FIXTURE / "weights.safetensors", folder / "model.safetensors")
+    out = tmp_path_factory.mktemp("art") / "glm-gen"
+    api.build(str(folder), "onnx-fp32", str(out), task="poetry-generation")
+    model = api.load(str(out))
+    tokens = {"mask": [90], "gmask": 91, "sop": 92, "eop": 93}
+    prompt = [5, 17, 90, 23, 42, 8]
+    ours = model.generate(prompt, max_new_tokens=6, glm_tokens=tokens).token_ids
+    ref = GLMModel.from_pretrain(folder).eval()
+    want = glm_generate_blank(ref, torch.tensor([prompt]), 2, 92, [93], 6)[0].tolist()
+    want = want[:want.index(93)] if 93 in want else want
+    assert ours == want

@@ -500,12 +500,10 @@ def _index_select(cx, x, dim, index):
 @_reg(aten.cat)
 def _cat(cx, tensors, dim=0):
     dtype = cx.out_dtype()
-    work = DType.I64 if dtype is DType.BOOL else dtype  # ORT's Concat takes bool, but keep one
     vals = [cx.value(t, dtype) for t in tensors]
     vals = [t for t in vals if not (t.type.rank == 1 and t.shape[0] == 0)]  # torch drops []
     if len(vals) == 1:
         return vals[0]
-    del work
     return cx.emit(Op.CONCAT, vals, axis=_axis(dim, vals[0].type.rank))
 
 

@@ -15,7 +15,6 @@ itself. An aten op without a converter stops the build naming the op and the sou
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -359,8 +358,10 @@ def as_dim(x) -> Dim:
 
 
 def _op_name(target) -> str:
-    return str(getattr(target, "__name__", None) if not hasattr(target, "_schema")
-               else target).replace("aten::", "aten.")
+    """aten.add.Tensor for overloads, the function name for Python builtins."""
+    if hasattr(target, "_schema"):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def _foldable(target) -> bool:
