@@ -19,6 +19,7 @@ from flagc.errors import ConfigError
 from flagc.ir.graph import Graph
 from flagc.ir.symbolic import dim_str
 from flagc.lower.targets import get_target
+from flagc.progress import phase
 
 __all__ = ["build", "plan", "load", "BuildResult"]
 
@@ -137,7 +138,8 @@ def _frontend(model: str, custom: Optional[str], random_weights: bool, seed: int
     else:
         source = open_model_source(resolve_model_path(model, model_dir))
     if custom is None and uses_torch_frontend(source, task, frontend):
-        graph, config = zoo_graph(source, task, name=_graph_name(source))
+        with phase("capturing graph (torch.export, meta device)"):
+            graph, config = zoo_graph(source, task, name=_graph_name(source))
         return source, graph, config, "torch.export frontend"
     cls = load_custom_model(custom) if custom else builtin_model_class(source.model_type)
     graph, config = build_custom_graph(cls, source.config, source.weights,
@@ -174,8 +176,9 @@ def _optimize(graph: Graph, target, dump_ir: Optional[str], check: bool,
               passes: Optional[list[str]], options: Optional[dict[str, Any]] = None):
     from flagc.passes import optimize
 
-    return optimize(graph, target, {**(options or {}), "passes": passes}, dump_dir=dump_ir,
-                    check=check)
+    with phase(f"optimizing ({target.name} passes)"):
+        return optimize(graph, target, {**(options or {}), "passes": passes}, dump_dir=dump_ir,
+                        check=check)
 
 
 def _graph_name(source: ModelSource) -> str:

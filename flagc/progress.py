@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["progress", "set_quiet", "is_quiet"]
+__all__ = ["progress", "phase", "set_quiet", "is_quiet"]
 
 _quiet = False
 
@@ -51,7 +51,37 @@ def progress(description: str, total: float | None, unit: str = "tensors") -> It
 
         columns += [DownloadColumn(), TransferSpeedColumn()]
     else:
-        columns += [MofNCompleteColumn(), TextColumn(unit)]
+        columns += [MofNCompleteColumn(), TextColumn(unit), _rate_column(unit)]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as prog:
         yield _Task(prog, prog.add_task(description, total=total))
+
+
+def _rate_column(unit: str):
+    """Items per second, for bars that count tensors, layers or passes."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.1f} {unit}/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
+@contextmanager
+def phase(description: str) -> Iterator[None]:
+    """A phase with no countable steps (graph capture, engine build): a spinner and the elapsed
+    time, so a long silent phase still shows that it is alive; a no-op when quiet."""
+    if is_quiet():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=False) as prog:
+        task = prog.add_task(description, total=1)
+        yield
+        prog.update(task, completed=1)
