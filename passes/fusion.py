@@ -162,7 +162,9 @@ def fuse_activations(graph: Graph, ctx: PassContext) -> dict[str, int]:
 
 def _transposed_source(graph: Graph, w: Value) -> WeightSource:
     src = graph.weight_sources.get(w.name)
-    return WeightSource(lambda: np.ascontiguousarray(np.asarray(src.load()).T),
+    # A view, not a copy: lowering streams views block by block (flagc.lower.onnx_stream), and
+    # linear's own [in, out] write transposes it back to the stored layout for free.
+    return WeightSource(lambda: np.asarray(src.load()).T,
                         origin=f"transpose of {src.origin if src else w.name}")
 
 
