@@ -21,6 +21,7 @@ scratch for reorder/trim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,10 +53,9 @@ class KVLayout:
                         str(kv["dtype"]), bool(kv.get("shared_buffer", False)))
 
     @property
-    def names(self) -> list[tuple[str, str]]:
+    def names(self) -> tuple[tuple[str, str], ...]:
         """(past input, present output) name pairs, layer by layer, key before value."""
-        return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}")
-                for i in range(self.layers) for k in ("key", "value")]
+        return _names(self.layers)
 
     @property
     def bytes_per_token(self) -> int:
@@ -178,17 +178,12 @@ class KVCache:
 
     def bind(self, binding, s: int) -> None:
         """Bind every past input and present output for a step of `s` new tokens."""
-        st, dev, dev_id, dt = self._storage, self._storage.device, self._storage.device_id, \
-            self._storage.dtype
-        if self.shared:
-            shape = self._shape()
-            for past, present in self.layout.names:
-                ptr = st.ptr(self._cur, past)
-                binding.input_buffer(past, dev, dev_id, dt, shape, ptr)
-                binding.output_buffer(present, dev, dev_id, dt, shape, ptr)
-            return
-        past_shape, present_shape = self._shape(), self._shape(length=self.length + s)
-        src, dst = self._cur, 1 - self._cur
+        st = self._storage
+        dev, dev_id, dt = st.device, st.device_id, st.dtype
+        src, dst = self._cur, (self._cur if self.shared else 1 - self._cur)
+        past_shape = self._shape()
+        present_shape = past_shape if self.shared else self._shape(length=self.length + s)
+        # One read and one write per tensor; with a shared buffer both are the same memory.
         for past, present in self.layout.names:
             binding.input_buffer(past, dev, dev_id, dt, past_shape, st.ptr(src, past))
             binding.output_buffer(present, dev, dev_id, dt, present_shape, st.ptr(dst, past))
@@ -245,6 +240,12 @@ class KVCache:
         """A host copy (or view) of one cached tensor, [rows, kv_heads, length, head_dim]."""
         full = self._storage.view(self._cur, name, self._shape())
         return full[:, :, : self.length]
+
+
+@lru_cache(maxsize=None)
+def _names(layers: int) -> tuple[tuple[str, str], ...]:
+    return tuple((f"past_key_values.{i}.{k}", f"present.{i}.{k}")
+                 for i in range(layers) for k in ("key", "value"))
 
 
 def _resized(a: np.ndarray, rows: int, cols: int, fill: int) -> np.ndarray:

@@ -31,9 +31,11 @@ class HostStorage:
         self.names, self.dtype, self.capacity = list(names), np.dtype(dtype), int(capacity)
         self._arenas = [{n: np.empty(self.capacity, self.dtype) for n in self.names}
                         for _ in range(copies)]
+        # Addresses are fixed for the arena's life; `.ctypes.data` costs microseconds per call.
+        self._ptrs = [{n: a.ctypes.data for n, a in arenas.items()} for arenas in self._arenas]
 
     def ptr(self, which: int, name: str) -> int:
-        return self._arenas[which][name].ctypes.data
+        return self._ptrs[which][name]
 
     def view(self, which: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor of `shape` at the start of arena `which` (host storage only)."""
@@ -79,9 +81,10 @@ class KernelStorage:
                                     f"({len(self.names)} x {self.capacity} {self.dtype}): {exc}") \
                 from exc
         self._kernel = None
+        self._ptrs = [{n: v.data_ptr() for n, v in arenas.items()} for arenas in self._arenas]
 
     def ptr(self, which: int, name: str) -> int:
-        return self._arenas[which][name].data_ptr()
+        return self._ptrs[which][name]
 
     def view(self, which: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A host copy of the tensor of `shape` at the start of arena `which` (for tests)."""
