@@ -160,12 +160,20 @@ class LoadedModel:
         if "encoder" in self.manifest:  # encoder-decoder (T5): flagc.runtimes.seq2seq
             results = self._seq2seq().generate(ids, params, gen.get("eos_token_ids", []), decode)
             return results[0] if single else results
-        if self.manifest.get("zoo", {}).get("kind") == "glm":  # flagc.runtimes.glm_generate
+        kind = self.manifest.get("zoo", {}).get("kind")
+        if kind == "glm":  # flagc.runtimes.glm_generate
             from flagc.runtimes.glm_generate import GLMGenerator
 
             tokens = glm_tokens or GLMGenerator.special_ids(self.tokenizer)
             glm = GLMGenerator(self.engine, self.manifest)
             results = [glm.generate_one(p, params, tokens, decode) for p in ids]
+            return results[0] if single else results
+        if kind == "unilm":  # BERT title generation: flagc.runtimes.unilm_generate
+            from flagc.runtimes.unilm_generate import UniLMGenerator
+
+            eos = list(gen.get("eos_token_ids", [])) + list(params.stop_token_ids)
+            unilm = UniLMGenerator(self.engine, self.manifest)
+            results = [unilm.generate_one(p, params, eos, decode) for p in ids]
             return results[0] if single else results
         on_text = None
         if stream is not None:

@@ -322,3 +322,33 @@ def test_glm_blank_infilling_matches_zoo_loop(tmp_path_factory):
     want = glm_generate_blank(ref, torch.tensor([prompt]), 2, 92, [93], 6)[0].tolist()
     want = want[:want.index(93)] if 93 in want else want
     assert ours == want
+
+
+def test_bert_unilm_title_generation_matches_eager(tmp_path):
+    """FlagAI's BERT seq2seq: the cached artifact loop equals a full-recompute eager loop."""
+    from flagc.models import BertConfig, BertForSeq2seq
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
+    BertForSeq2seq(config).save(tmp_path / "unilm")
+    out = tmp_path / "art"
+    api.build(str(tmp_path / "unilm"), "onnx-fp32", str(out), task="title-generation")
+    model = api.load(str(out))
+    ref = BertForSeq2seq.from_pretrain(tmp_path / "unilm").eval()
+    source = [2, 17, 40, 5, 61, 3]
+    ours = model.generate(source, max_new_tokens=6, stop_token_ids=[3]).token_ids
+    tokens, types = list(source), [0] * len(source)
+    want = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = ref(input_ids=torch.tensor([tokens]), token_type_ids=torch.tensor([types]))
+            nxt = int(logits["logits"][0, -1].argmax())
+            if nxt == 3:
+                break
+            want.append(nxt)
+            tokens.append(nxt)
+            types.append(1)
+    assert ours == want
+    beams = model.generate(source, max_new_tokens=4, num_beams=2, stop_token_ids=[3])
+    assert len(beams.token_ids) <= 4

@@ -191,6 +191,8 @@ _MLM_HEAD = WeightMap(
         WeightRule(r"(?:cls\.predictions|lm_head)\.decoder\.weight", r"lm_head.decoder.weight"),
         WeightRule(r"(?:cls\.predictions|lm_head)\.decoder\.bias", None),
         WeightRule(r"lm_head\.(dense\.(?:weight|bias)|bias)", r"lm_head.\1"),
+        # Our own names (save() -> load round trip); listed so _FOREIGN_HEADS does not skip them.
+        WeightRule(r"lm_head\.(norm\.(?:weight|bias))", r"lm_head.\1"),
     ]
 )
 
