@@ -54,8 +54,13 @@ def uses_torch_frontend(source: ModelSource, task: str, frontend: str = "auto") 
     if frontend != "auto":
         return frontend == "torch"
     from flagc.dsl.custom import BUILTIN_GRAPHS
-    from flagc.models.registry import normalize_task
+    from flagc.errors import FlagcError
+    from flagc.models.registry import family_for_model_type, normalize_task
 
+    try:
+        family_for_model_type(source.model_type)
+    except FlagcError:
+        return False  # not a zoo family: the DSL path reports the unknown model_type
     return not (source.model_type in BUILTIN_GRAPHS and normalize_task(task) == "lm")
 
 
