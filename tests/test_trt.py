@@ -12,7 +12,6 @@ What runs here instead:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import pytest
 
 import flagc
 from flagc.errors import ArtifactError, RuntimeInputError
+from trt_standin import OrtContext
 
 trt = pytest.importorskip(
     "tensorrt_rtx_bindings",
@@ -273,56 +273,6 @@ def test_int8_onnx_has_qdq_and_stays_close(llama_builds):
 
 
 # ---- the runtime's binding and KV plumbing, over an onnxruntime stand-in context ----------------
-class _OrtContext:
-    """What TrtBinding uses of an IExecutionContext, computed by onnxruntime on host pointers."""
-
-    def __init__(self, onnx_path, manifest):
-        import onnxruntime as ort
-
-        self.sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        io = manifest["tensorrt"]["io"]
-        self.dtypes = {s["name"]: np.dtype({"f32": np.float32, "f16": np.float16,
-                                            "i64": np.int64}[s["dtype"]])
-                       for s in io["inputs"] + io["outputs"]}
-        self.inputs = [s["name"] for s in io["inputs"]]
-        self.profile = manifest["tensorrt"]["profiles"][0]
-        self.shapes, self.addr, self.result = {}, {}, None
-
-    def set_input_shape(self, name, shape):
-        p = self.profile[name]
-        if not all(a <= s <= b for a, s, b in zip(p["min"], shape, p["max"])):
-            return False
-        self.shapes[name], self.result = tuple(shape), None
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        assert ptr, f"null address for {name}"
-        self.addr[name], self.result = ptr, None
-
-    def _read(self, name):
-        shape, dt = self.shapes[name], self.dtypes[name]
-        n = int(np.prod(shape)) * dt.itemsize
-        if not n:
-            return np.zeros(shape, dt)
-        return np.frombuffer((ctypes.c_char * n).from_address(self.addr[name]),
-                             dtype=dt).reshape(shape).copy()
-
-    def _run(self):
-        if self.result is None:
-            names = [o.name for o in self.sess.get_outputs()]
-            vals = self.sess.run(names, {n: self._read(n) for n in self.inputs})
-            self.result = dict(zip(names, vals))
-        return self.result
-
-    def get_tensor_shape(self, name):
-        return self._run()[name].shape
-
-    def execute_async_v3(self, stream):
-        for name, value in self._run().items():
-            ctypes.memmove(self.addr[name], value.ctypes.data, value.nbytes)
-        return True
-
-
 def test_runtime_plumbing_generates_like_onnxruntime(llama_builds):
     import torch
 
@@ -331,7 +281,7 @@ def test_runtime_plumbing_generates_like_onnxruntime(llama_builds):
 
     folder = llama_builds["trt-fp32"]
     m = _manifest(folder)
-    engine = TrtEngine.from_context(m, _OrtContext(os.path.join(folder, "trt.onnx"), m),
+    engine = TrtEngine.from_context(m, OrtContext(os.path.join(folder, "trt.onnx"), m["tensorrt"]),
                                     torch.device("cpu"))
     model = LoadedModel(folder, m, engine)
     ref = flagc.load(llama_builds["onnx-fp32"])
@@ -352,7 +302,7 @@ def test_runtime_refuses_shapes_outside_the_profile(llama_builds):
 
     folder = llama_builds["trt-fp32"]
     m = _manifest(folder)
-    engine = TrtEngine.from_context(m, _OrtContext(os.path.join(folder, "trt.onnx"), m),
+    engine = TrtEngine.from_context(m, OrtContext(os.path.join(folder, "trt.onnx"), m["tensorrt"]),
                                     torch.device("cpu"))
     ids = np.zeros((MAX_BATCH + 1, 3), np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": ids}
@@ -384,3 +334,30 @@ def test_cli_inspect_shows_the_engine(llama_builds):
     assert "past_key_values.0.key: f16[batch, 2, past, 16]" in res.output
     assert f"tensorrt   tensorrt-rtx {trt.__version__}, strongly typed fp16" in res.output
     assert "compute capability 8.0, 8.6, 8.9, 12.0" in res.output
+
+
+def test_engine_build_reports_progress(llama_builds, tmp_path, monkeypatch):
+    """TensorRT's build phases reach flagc's progress bar (phase names as its label)."""
+    import contextlib
+
+    import flagc.lower.trt_build as trt_build
+
+    seen = []
+
+    class Task:
+        def advance(self, n=1, description=None):
+            seen.append((n, description))
+
+    @contextlib.contextmanager
+    def fake_progress(description, total, unit="tensors"):
+        seen.append((0, description))
+        yield Task()
+
+    monkeypatch.setattr(trt_build, "progress", fake_progress)
+    m = _manifest(llama_builds["trt-fp32"])
+    trt_build.build_engine(os.path.join(llama_builds["trt-fp32"], "trt.onnx"),
+                           str(tmp_path / "e.plan"), m["tensorrt"]["profiles"][0])
+    labels = [d for _, d in seen if d]
+    assert labels[0] == "building TensorRT engine (tensorrt-rtx)"
+    assert any(d.startswith("TensorRT: ") for d in labels[1:])
+    assert sum(n for n, _ in seen) > 0  # steps completed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,39 @@ def test_family_damaged_engine_is_refused(family_build, tmp_path):
     victim.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
     with pytest.raises(ArtifactError, match=rf"{victim.name} is corrupt"):
         flagc.load(str(copy))
+
+
+def test_t5_two_engine_runtime_generates_like_transformers(tmp_path, monkeypatch):
+    """T5's encoder.plan + engine.plan through the TensorRT runtime classes (companion role,
+    seq2seq loop), each over an onnxruntime stand-in of its own kept ONNX; trt-fp32 so the
+    tokens must equal transformers' greedy output."""
+    import torch
+    from trt_standin import OrtContext
+
+    import flagc.runtimes.trt_engine as trt_engine
+
+    src = _save("t5", tmp_path / "src")
+    out = tmp_path / "art"
+    monkeypatch.setenv("FLAGC_TRT_KEEP_ONNX", "1")
+    flagc.build(str(src), "trt-fp32", str(out), max_seq=32, max_batch=2, task="seq2seq")
+    assert {"trt.onnx", "encoder.trt.onnx", "encoder.plan"} <= {p.name for p in out.iterdir()}
+
+    class StandIn(trt_engine.TrtEngine):
+        def __init__(self, folder, manifest, device="cpu", threads=None, role=None):
+            info = manifest["tensorrt"] if role is None else \
+                manifest["tensorrt"]["companions"][role]
+            onnx_path = os.path.join(folder, ("trt" if role is None else f"{role}.trt") + ".onnx")
+            self._setup(manifest, OrtContext(onnx_path, info), torch.device("cpu"), role)
+            self.device_id = 0
+
+    monkeypatch.setattr(trt_engine, "TrtEngine", StandIn)
+    model = flagc.load(str(out))
+    assert isinstance(model.engine, StandIn)
+    sources = [[5, 9, 13, 2, 1], [7, 3, 1]]
+    ours = model.generate(sources, max_new_tokens=6, min_new_tokens=6)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(src)).eval()
+    for s, r in zip(sources, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([s]), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False)
+        assert r.token_ids == ref[0, 1:].tolist()
