@@ -206,3 +206,31 @@ def test_streamed_writer_matches_a_plain_copy(tmp_path, dtype):
         expected = np.ascontiguousarray(arr.astype(dtype)).tobytes()
         assert path.read_bytes() == b"head" + expected + b"tail"
         assert n == len(expected)
+
+
+# ---- checkpoint reads ----------------------------------------------------------------------
+
+def test_safetensors_reads_match_and_leave_no_map_behind(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from flagc.checkpoints.stores import open_weight_store
+
+    path = str(tmp_path / "model.safetensors")
+    tensors = {"a": torch.randn(33, 17).to(torch.bfloat16), "b": torch.randn(5, dtype=torch.float16),
+               "c": torch.arange(7, dtype=torch.int64), "d": torch.randn(2, 3, 4),
+               "e": torch.zeros(0, 4)}
+    save_file(tensors, path)
+    store = open_weight_store(path)
+    expected = load_file(path)
+    for name in tensors:
+        got = store.tensor(name)
+        assert got.dtype == expected[name].dtype and torch.equal(got, expected[name]), name
+    np.testing.assert_array_equal(store.source("a").load(), expected["a"].float().numpy())
+    del expected, got  # safetensors' own reader maps the file; only ours must not
+    import gc
+
+    gc.collect()
+    assert store.tensor("d").shape == (2, 3, 4)
+    with open("/proc/self/maps") as f:  # positioned reads: the file is not mapped
+        assert path not in f.read()

@@ -4,7 +4,8 @@ A store answers `names()`, `shapes()` and `info(name) -> (dtype, shape)` without
 data; `tensor(name)` returns one tensor as stored (torch, original dtype) and `source(name,
 transform)` a WeightSource that loads it as float32 numpy when called (for lowering). It is the one
 checkpoint reader: the graph DSL and the zoo's `BaseModel.load_weights` both use it.
-Safetensors and GGUF are memory-mapped; pytorch_model.bin is loaded with `weights_only=True, mmap=True`.
+Safetensors tensors are read with positioned reads (no map left behind); GGUF is memory-mapped;
+pytorch_model.bin is loaded with `weights_only=True, mmap=True`.
 """
 
 from __future__ import annotations
@@ -97,23 +98,21 @@ class SafetensorsStore(WeightStore):
             self._add_file(path)
 
     def _add_file(self, path: str) -> None:
-        from safetensors import safe_open
+        from flagc.checkpoints.safetensors_read import read_tensor
 
-        header = _read_safetensors_header(path)
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors file: {exc}") from exc
+        header, data_start = _read_safetensors_header(path)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             shape = tuple(int(d) for d in meta["shape"])
+            # Positioned reads, not a map: see safetensors_read for the RSS this saves.
             self._index[name] = (str(meta["dtype"]), shape,
-                                 (lambda n=name: handle.get_tensor(n)))
+                                 (lambda n=name, m=meta: read_tensor(path, data_start, n, m)))
 
 
-def _read_safetensors_header(path: str) -> dict:
-    """Validate the header ourselves so truncation is reported with byte counts, not a panic."""
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """The header and where the data starts. Validated here so that truncation is reported with
+    byte counts, not a panic."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -140,7 +139,7 @@ def _read_safetensors_header(path: str) -> dict:
         if end > data_bytes:
             raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data "
                                   f"section but the file holds {data_bytes} (truncated?)")
-    return header
+    return header, 8 + n
 
 
 class TorchBinStore(WeightStore):
