@@ -74,6 +74,7 @@ class Op(Enum):
     ROTARY = "rotary"
     ATTENTION = "attention"
     LAST_TOKEN = "last_token"
+    QLINEAR = "qlinear"  # quantized-weight linear (flagc/ir/ops_quant.py)
     # runtime shapes (symbolic dims as values; the torch.export frontend needs them for masks)
     DIM = "dim"
     RANGE = "range"
@@ -784,3 +785,6 @@ _define(Op.FULL, ["sizes*"], {"value": REQUIRED, "dtype": REQUIRED, "shape": REQ
             "the dims as text.")
 _define(Op.CUMSUM, ["x"], {"axis": REQUIRED}, _same,
         lambda x, *, axis: torch.cumsum(x, dim=axis).to(x.dtype))
+
+
+from flagc.ir import ops_quant  # noqa: E402,F401  (registers QLINEAR)

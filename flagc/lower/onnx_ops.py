@@ -16,6 +16,7 @@ from flagc.ir.ops import Op
 from flagc.ir.types import DType
 from flagc.lower.onnx_contrib import gqa_attention, mha_attention, rotary_embedding
 from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter
+from flagc.lower.onnx_quant import lower_qlinear
 
 __all__ = ["lower_onnx", "LowerContext"]
 
@@ -407,6 +408,7 @@ lower_onnx.update({
     Op.ROTARY: _rotary,
     Op.ATTENTION: _attention,
     Op.LAST_TOKEN: _last_token,
+    Op.QLINEAR: lower_qlinear,
 })
 
 

@@ -1,0 +1,192 @@
+"""Quantization numerics shared by the quantize pass (numpy, at write time) and QLINEAR's reference
+implementation (torch, in the interpreter).
+
+One weight format for every scheme, the one onnxruntime's MatMulNBits reads, so lowering copies
+bytes instead of converting them:
+    codes        u8 [N, n_blocks, block * bits / 8]   unsigned codes packed low-first along K,
+                                                       K zero-padded up to n_blocks * block
+    scales       f32 [N, n_blocks]
+    zero_points  u8 [N, ceil(n_blocks * bits / 8)]    packed like the codes; absent = 2**(bits-1)
+    w[n, k] = (code[n, k] - zero_point[n, k // block]) * scale[n, k // block]
+Per-channel int8 is the special case n_blocks = 1, block = K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["QuantScheme", "quantize_weight", "dequantize_weight", "fake_quant_activation",
+           "ACT_QUANT", "BLOCK_SIZES", "n_blocks", "codes_shape", "zero_points_cols"]
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits needs a power of two >= 16
+ACT_QUANT = ("none", "tensor", "block")  # activations: float, dynamic per-tensor u8, per-block s8
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int  # 4 or 8
+    block: int  # elements per scale along K; 0 = one block per output channel
+    symmetric: bool
+
+    def block_for(self, k: int) -> int:
+        return self.block or k
+
+    def describe(self) -> str:
+        where = f"block {self.block}" if self.block else "per-channel"
+        return f"int{self.bits} {where} {'symmetric' if self.symmetric else 'asymmetric'}"
+
+
+def n_blocks(k: int, block: int) -> int:
+    return -(-k // block)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """u8 codes [..., L] -> packed [..., L * bits / 8], low bits first (L even for 4 bits)."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_weight(w: np.ndarray, scheme: QuantScheme, importance: Optional[np.ndarray] = None):
+    """Round-to-nearest quantization of a [N, K] float weight -> (codes, scales, zero_points|None).
+
+    4 bits: each block's scale (and zero point) is the one of a small candidate set around the
+    min/max fit that minimizes the block's squared error, weighted per input feature by
+    `importance` (e.g. mean x**2 of calibration activations) when given. Rounding stays to
+    nearest; only the grid moves. Plain min/max wastes levels on a block's outlier and, with an
+    integer zero point, shifts the whole block when the grid is offset.
+    Symmetric 8-bit: amax/127, so int8 tables quantized the same way (GGUF Q8_0, absmax int8
+    checkpoints) come back exactly.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    block = scheme.block_for(k)
+    nb = n_blocks(k, block)
+    h = None if importance is None else np.asarray(importance, np.float32).reshape(-1)
+    if nb * block != k:
+        w = np.concatenate([w, np.zeros((n, nb * block - k), np.float32)], axis=1)
+        if h is not None:
+            h = np.concatenate([h, np.zeros(nb * block - k, np.float32)])
+    wb = w.reshape(n, nb, block)
+    hb = None if h is None else h.reshape(1, nb, block)
+    qmax = (1 << scheme.bits) - 1
+    mid = 1 << (scheme.bits - 1)
+    if scheme.bits == 8 and scheme.symmetric:
+        scales = (np.abs(wb).max(-1) / (mid - 1)).astype(np.float32)
+        zp = np.full(scales.shape, mid, np.float32)
+    else:
+        scales = np.empty((n, nb), np.float32)
+        zp = np.empty((n, nb), np.float32)
+        rows = max(1, (1 << 22) // (nb * block))  # bound the search's temporaries
+        for r in range(0, n, rows):
+            scales[r:r + rows], zp[r:r + rows] = _search(wb[r:r + rows], hb, scheme, qmax, mid)
+    safe = np.where(scales == 0, 1, scales)[..., None]
+    codes = np.clip(np.round(wb / safe) + zp[..., None], 0, qmax).astype(np.uint8)
+    zero_points = None
+    if not scheme.symmetric:
+        z = zp.astype(np.uint8)
+        if scheme.bits == 4 and nb % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        zero_points = np.ascontiguousarray(_pack(z, scheme.bits))
+    return np.ascontiguousarray(_pack(codes, scheme.bits)), np.ascontiguousarray(scales), \
+        zero_points
+
+
+_SCALE_STEPS = np.linspace(0.8, 1.2, 17)
+
+
+def _search(wb: np.ndarray, hb, scheme: QuantScheme, qmax: int, mid: int):
+    """Per block (scale, zero point) minimizing the (weighted) squared error among candidates."""
+    if scheme.symmetric:
+        idx = np.abs(wb).argmax(-1)[..., None]
+        base = np.take_along_axis(wb, idx, -1)[..., 0] / -mid  # onnxruntime's: peak -> -mid
+        lo = None
+    else:
+        lo = np.minimum(wb.min(-1), 0.0)
+        base = (np.maximum(wb.max(-1), 0.0) - lo) / qmax
+    best_err = best_s = best_z = None
+    for step in _SCALE_STEPS if scheme.bits == 4 else (1.0,):
+        s = (base * step).astype(np.float32)
+        safe = np.where(s == 0, 1, s)
+        if lo is None:
+            zs = [np.full(s.shape, mid, np.float32)]
+        else:
+            z0 = -lo / safe
+            zs = [np.clip(np.floor(z0), 0, qmax), np.clip(np.ceil(z0), 0, qmax)]
+        for z in zs:
+            q = np.clip(np.round(wb / safe[..., None]) + z[..., None], 0, qmax)
+            d = (q - z[..., None]) * s[..., None] - wb
+            err = (d * d if hb is None else d * d * hb).sum(-1)
+            if best_err is None:
+                best_err, best_s, best_z = err, s, z
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_s = np.where(better, s, best_s)
+                best_z = np.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _unpack(packed, bits: int, length: int):
+    """torch u8 [..., L * bits / 8] -> int codes [..., length]."""
+    import torch
+
+    p = packed.to(torch.int32)
+    if bits == 8:
+        return p[..., :length]
+    return torch.stack((p & 0xF, p >> 4), dim=-1).flatten(-2)[..., :length]
+
+
+def dequantize_weight(codes, scales, zero_points, *, bits: int, k: int):
+    """torch: the [N, K] float32 weight the codes stand for."""
+    import torch
+
+    n, nb, blob = codes.shape
+    block = blob * 8 // bits
+    q = _unpack(codes, bits, block * nb).reshape(n, nb, block).float()
+    if zero_points is None:
+        z = torch.full((n, nb, 1), float(1 << (bits - 1)))
+    else:
+        z = _unpack(zero_points, bits, nb).float().reshape(n, nb, 1)
+    w = (q - z) * scales.float().reshape(n, nb, 1)
+    return w.reshape(n, nb * block)[:, :k]
+
+
+def fake_quant_activation(x, mode: str, block: int):
+    """torch: x as the int8 kernels see it. 'tensor': onnxruntime's DynamicQuantizeLinear (u8,
+    asymmetric, one scale per tensor); 'block': MatMulNBits accuracy_level 4 (s8, symmetric,
+    one scale per `block` elements along K); 'none': x itself."""
+    import torch
+
+    if mode == "none":
+        return x
+    xf = x.float()
+    if mode == "tensor":
+        lo = torch.clamp(xf.min(), max=0.0)
+        hi = torch.clamp(xf.max(), min=0.0)
+        scale = (hi - lo) / 255.0
+        if float(scale) == 0.0:
+            return x
+        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+        q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+        return ((q - zp) * scale).to(x.dtype)
+    k = xf.shape[-1]
+    nb = n_blocks(k, block)
+    pad = nb * block - k
+    xp = torch.nn.functional.pad(xf, (0, pad)).reshape(*xf.shape[:-1], nb, block)
+    scale = xp.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(xp / torch.where(scale == 0, torch.ones_like(scale), scale))
+    out = (torch.clamp(q, -127, 127) * scale).reshape(*xf.shape[:-1], nb * block)[..., :k]
+    return out.to(x.dtype)
+
+
+def codes_shape(n: int, k: int, scheme: QuantScheme) -> tuple[int, int, int]:
+    block = scheme.block_for(k)
+    return (n, n_blocks(k, block), block * scheme.bits // 8)
+
+
+def zero_points_cols(n_blk: int, bits: int) -> int:
+    return -(-n_blk * bits // 8)

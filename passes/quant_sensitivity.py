@@ -1,0 +1,59 @@
+"""Calibration for the quantize pass: one reference-interpreter run on a calibration input gives
+each linear's input activations, from which come
+- importance: mean x**2 per input feature, which weights the scale search (errors on features
+  that carry large activations cost more; LLMs have a few such outlier features), and
+- sensitivity: the linear's output error when its weight alone is quantized.
+
+Opt-in (`quant_calibrate`, `quant_sensitive=N`): unlike the quantize pass itself it holds every
+weight and activation of the calibration run, so it suits models that fit in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flagc.ir.graph import Graph, Node
+from flagc.ir.quant import QuantScheme, dequantize_weight, fake_quant_activation, quantize_weight
+
+__all__ = ["Calibration"]
+
+
+class Calibration:
+    """Activations of one interpreter run (random token ids unless `feeds` are given)."""
+
+    def __init__(self, graph: Graph, feeds: Optional[dict] = None):
+        from flagc.ir.interpreter import interpret_all
+        from flagc.passes.manager import random_feeds
+
+        if feeds is None:
+            feeds = random_feeds(graph, seed=0, batch=1, seq=64, past=0)
+        self.feeds = feeds
+        _, self.env = interpret_all(graph, feeds)
+
+    def importance(self, node: Node) -> np.ndarray:
+        x = self.env[node.inputs[0]].float()
+        return x.reshape(-1, x.shape[-1]).pow(2).mean(0).numpy()
+
+    def error(self, node: Node, scheme: QuantScheme, act_quant: str,
+              importance: Optional[np.ndarray] = None) -> float:
+        """||y_q - y|| / ||y|| with only this linear quantized."""
+        env = self.env
+        x, w = env[node.inputs[0]], env[node.inputs[1]]
+        bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] is not None \
+            else None
+        k = int(w.shape[1])
+        codes, scales, zp = (None if a is None else torch.from_numpy(a)
+                             for a in quantize_weight(np.asarray(w), scheme, importance))
+        wq = dequantize_weight(codes, scales, zp, bits=scheme.bits, k=k)
+        xq = fake_quant_activation(x, act_quant, scheme.block_for(k))
+        y = F.linear(xq.float(), wq, None if bias is None else bias.float())
+        ref = env[node.outputs[0]].float()
+        return float((y - ref).norm() / ref.norm().clamp_min(1e-12))
+
+    def errors(self, nodes: list[Node], scheme_for: Callable[[Node], QuantScheme],
+               act_quant: str, importance: Callable[[Node], Optional[np.ndarray]]):
+        return {n: self.error(n, scheme_for(n), act_quant, importance(n)) for n in nodes}

@@ -1,0 +1,216 @@
+"""quantize: LINEAR with a weight initializer -> QLINEAR (onnx-int4 / onnx-int8 targets).
+
+Schemes (flagc.ir.quant): onnx-int4 stores block-wise round-to-nearest 4-bit codes (block 32 by
+default, asymmetric with integer zero points unless `quant_symmetric`), computed with int8
+activations per block (MatMulNBits accuracy_level 4); onnx-int8 stores per-channel symmetric
+8-bit codes and quantizes activations dynamically per tensor (DynamicQuantizeMatMul), which
+onnxruntime's CPU kernels run faster than fp32 MatMul (see benchmarks/quant_kernels.py).
+
+Sensitive layers stay at higher precision, by rule and optionally by measurement; every choice
+and its reason goes into `ctx.plan["quantization"]` (the manifest's precision_plan):
+- rule: the LM head (the linear producing `logits`) keeps 8 bits under int4. It is the widest
+  matrix and its errors land directly on the logits; tied to the embedding, it often comes from
+  an 8-bit checkpoint table (GGUF Q8_0) that 8-bit blocks reproduce exactly.
+- rule: embeddings stay float (a gather reads one row per token: no compute to save) and
+  weights named by `quant_skip` (fnmatch patterns) stay float.
+- measured (`quant_sensitive=N`): each linear is quantized alone and its output error on a
+  calibration input is measured through the reference interpreter; the N worst keep 8 bits
+  (int4) or stay float (int8).
+
+Weights are quantized lazily: each new initializer's loader quantizes its float weight when
+lowering writes it, one tensor at a time (a one-entry cache serves codes, scales and zero
+points from one quantization), so a 10B model never sits in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from flagc.errors import ConfigError
+from flagc.ir.builder import make_node
+from flagc.ir.graph import Graph, Node, WeightSource
+from flagc.ir.ops import Op
+from flagc.ir.quant import ACT_QUANT, BLOCK_SIZES, QuantScheme, codes_shape, n_blocks, quantize_weight, \
+    zero_points_cols
+from flagc.ir.types import DType, TensorType
+from flagc.passes.manager import PassContext, register_pass
+
+__all__ = ["quantize", "quant_options", "FLOAT_WEIGHTS"]
+
+FLOAT_WEIGHTS = "quant_float_weights"  # graph.metadata: codes name -> (name, type, source)
+DEFAULT_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    precision: str  # "int4" | "int8"
+    block: int
+    symmetric: bool
+    skip: tuple[str, ...]
+    sensitive: int
+    lm_head_bits: int  # 4, 8, or 0 (float)
+    act_quant: str  # flagc.ir.quant.ACT_QUANT
+    calibrate: bool  # weight the scale search by calibration activations
+
+
+def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
+    """Validated quantization options (ConfigError naming the flag)."""
+    block = options.get("quant_block")
+    block = DEFAULT_BLOCK if block is None else block
+    if precision == "int4" and block not in BLOCK_SIZES:
+        raise ConfigError(f"--quant-block must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                          f"(onnxruntime's MatMulNBits needs a power of two >= 16), got {block}")
+    sensitive = options.get("quant_sensitive") or 0
+    if not isinstance(sensitive, int) or sensitive < 0:
+        raise ConfigError(f"--quant-sensitive must be a count >= 0, got {sensitive!r}")
+    lm_head = options.get("quant_lm_head_bits")
+    if lm_head is None:
+        lm_head = 8
+    if lm_head not in (0, 4, 8):
+        raise ConfigError(f"quant_lm_head_bits must be 0 (float), 4 or 8, got {lm_head!r}")
+    skip = options.get("quant_skip") or ()
+    act = options.get("quant_act") or ("tensor" if precision == "int8" else "block")
+    if act not in ACT_QUANT:
+        raise ConfigError(f"quant_act must be one of {ACT_QUANT}, got {act!r}")
+    return QuantOptions(precision, int(block), bool(options.get("quant_symmetric", False)),
+                        tuple(skip), sensitive, lm_head, act,
+                        bool(options.get("quant_calibrate", False)))
+
+
+class _LazyQuantized:
+    """Quantizes one float weight on demand; codes/scales/zero points share one computation."""
+
+    _last: tuple[int, Any] = (0, None)  # (id of the owner, result): one tensor at a time
+
+    def __init__(self, source: WeightSource, scheme: QuantScheme,
+                 importance: Optional[np.ndarray] = None):
+        self.source, self.scheme, self.importance = source, scheme, importance
+
+    def part(self, index: int) -> WeightSource:
+        def load():
+            key, result = _LazyQuantized._last
+            if key != id(self) or result is None:
+                result = quantize_weight(np.asarray(self.source.load()), self.scheme,
+                                         self.importance)
+                _LazyQuantized._last = (id(self), result)
+            return result[index]
+        what = ("codes", "scales", "zero points")[index]
+        return WeightSource(load, origin=f"{what} ({self.scheme.describe()}) of "
+                                         f"{self.source.origin}")
+
+
+def _scheme_for(opts: QuantOptions, bits: int) -> QuantScheme:
+    if opts.precision == "int8":
+        return QuantScheme(8, 0, True)  # per-channel symmetric
+    # 8-bit blocks under int4 are symmetric: 255 levels leave nothing for a zero point to win.
+    return QuantScheme(bits, opts.block, opts.symmetric or bits == 8)
+
+
+def quantize_linear(graph: Graph, node: Node, scheme: QuantScheme, act_quant: str,
+                    importance: Optional[np.ndarray] = None) -> Node:
+    """The QLINEAR node replacing `node` (a LINEAR reading a weight), with lazy initializers."""
+    w = node.inputs[1]
+    n, k = (int(d) for d in w.shape)
+    lazy = _LazyQuantized(graph.weight_sources[w.name], scheme, importance)
+    tag = f"{w.name}.q{scheme.bits}b{scheme.block}{'s' if scheme.symmetric else 'a'}"
+    codes = graph.add_weight(tag, TensorType(DType.U8, codes_shape(n, k, scheme)), lazy.part(0))
+    nb = n_blocks(k, scheme.block_for(k))
+    scales = graph.add_weight(tag + ".scales", TensorType(DType.F32, (n, nb)), lazy.part(1))
+    zp = None
+    if not scheme.symmetric:
+        zp = graph.add_weight(tag + ".zero_points",
+                              TensorType(DType.U8, (n, zero_points_cols(nb, scheme.bits))),
+                              lazy.part(2))
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    # The float weight stays reachable for the accuracy report (flagc/quant_report.py) after
+    # DCE prunes it from the graph; only its loader is kept, no data.
+    graph.metadata.setdefault(FLOAT_WEIGHTS, {})[codes.name] = (w.name, w.type,
+                                                                graph.weight_sources[w.name])
+    new = make_node(Op.QLINEAR, [node.inputs[0], codes, scales, zp, bias],
+                    {"bits": scheme.bits, "k": k, "act_quant": act_quant}, node.name)
+    # The output Value carries over (same type), so readers and graph outputs need no rewiring.
+    return Node(new.op, new.inputs, new.attrs, node.outputs, node.name)
+
+
+def _candidates(graph: Graph) -> list[Node]:
+    return [n for n in graph.nodes if n.op is Op.LINEAR and n.inputs[1].kind == "weight"
+            and n.inputs[1].dtype is DType.F32 and n.inputs[1].name in graph.weight_sources]
+
+
+def _lm_head(graph: Graph) -> Optional[Node]:
+    logits = graph.outputs.get("logits")
+    node = logits.producer if logits is not None else None
+    return node if node is not None and node.op is Op.LINEAR else None
+
+
+@register_pass("quantize")
+def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
+    precision = ctx.options.get("precision") or getattr(ctx.target, "precision", None)
+    if precision not in ("int4", "int8"):
+        return {}
+    opts = quant_options(precision, ctx.options)
+    default_bits = 4 if precision == "int4" else 8
+    act = opts.act_quant
+    decisions: dict[Node, tuple[int, str]] = {}  # node -> (bits, reason); bits 0 = float
+    head = _lm_head(graph)
+    for node in _candidates(graph):
+        name = node.inputs[1].name
+        if any(fnmatch.fnmatch(name, p) for p in opts.skip):
+            decisions[node] = (0, "rule: matches --quant-skip")
+        elif node is head and opts.lm_head_bits != default_bits:
+            decisions[node] = (opts.lm_head_bits, "rule: LM head (errors land on the logits)")
+        else:
+            decisions[node] = (default_bits, "default")
+    measured: dict[Node, float] = {}
+    importance: dict[Node, np.ndarray] = {}
+    if opts.sensitive or opts.calibrate:
+        from flagc.passes.quant_sensitivity import Calibration
+
+        calib = Calibration(graph, ctx.options.get("calibration_feeds"))
+        if opts.calibrate:
+            importance = {n: calib.importance(n) for n in decisions}
+        if opts.sensitive:
+            todo = [n for n, (b, _) in decisions.items() if b == default_bits]
+            measured = calib.errors(todo, lambda n: _scheme_for(opts, default_bits), act,
+                                    importance.get)
+            keep_bits = 8 if precision == "int4" else 0
+            for n in sorted(measured, key=measured.get, reverse=True)[:opts.sensitive]:
+                decisions[n] = (keep_bits, f"measured: output error {measured[n]:.3g} is among "
+                                           f"the {opts.sensitive} largest")
+        del calib
+    counts = {"int4": 0, "int8": 0, "kept float": 0}
+    replaced: dict[int, Node] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for node, (bits, reason) in decisions.items():
+        entry: dict[str, Any] = {"reason": reason}
+        if node in measured:
+            entry["measured_error"] = round(float(measured[node]), 6)
+        if bits == 0:
+            entry["scheme"] = "float"
+            counts["kept float"] += 1
+        else:
+            scheme = _scheme_for(opts, bits)
+            entry["scheme"] = scheme.describe()
+            replaced[id(node)] = quantize_linear(graph, node, scheme, act,
+                                                 importance.get(node))
+            counts[f"int{bits}"] += 1
+        layers[node.inputs[1].name] = entry
+    graph.nodes = [replaced.get(id(n), n) for n in graph.nodes]
+    ctx.plan["quantization"] = {
+        "precision": precision,
+        "default": _scheme_for(opts, default_bits).describe(),
+        "activations": {"block": "int8 per weight block (MatMulNBits accuracy_level 4)",
+                        "tensor": "dynamic uint8 per tensor (DynamicQuantizeMatMul)",
+                        "none": "float"}[act],
+        "rules": ["embeddings stay float: a gather reads one row per token, nothing to speed up"]
+                 + (["LM head keeps 8 bits"] if precision == "int4" and opts.lm_head_bits == 8
+                    else []),
+        "sensitive_kept": opts.sensitive,
+        "calibrated": bool(importance),
+        "layers": layers,
+    }
+    return {k: v for k, v in counts.items() if v}
