@@ -38,6 +38,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           passes: Optional[list[str]] = None, random_weights: bool = False, seed: int = 0,
           check_resources: bool = True, model_dir: Optional[str] = None,
           frontend: str = "auto", pass_options: Optional[dict[str, Any]] = None,
+          quant_block: Optional[int] = None, report: bool = False,
           ) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
@@ -63,7 +64,12 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         frontend: "auto" (graph DSL for its built-in decoders, torch.export for every other
             family and task), "torch" or "dsl".
         pass_options: options the passes read, e.g. {"fp16_limit": 4096.0,
-            "keep_last_fp32": 1, "calibrate": False} for the precision planner.
+            "keep_last_fp32": 1, "calibrate": False} for the precision planner; for the quantize
+            pass (passes/quantize.py) "quant_symmetric", "quant_calibrate", "quant_sensitive",
+            "quant_skip", "quant_lm_head_bits", "quant_act".
+        quant_block: onnx-int4 block size along K (16, 32, 64, 128 or 256; default 32).
+        report: write report.json / report.md (flagc/quant_report.py): logits cosine, top-1
+            agreement and perplexity delta vs the float weights, overall and per quantized layer.
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
@@ -79,6 +85,10 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                           f"{positions}")
     if check_resources:
         _plan(source, graph, graph_source, tgt, output, passes).check()
+    from flagc.quant_build import quant_pass_options
+
+    pass_options = quant_pass_options(tgt, pass_options, quant_block,
+                                      lambda: _load_tokenizer(source))
     pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes, pass_options)
     tokenizer = _load_tokenizer(source)
     with staged_folder(output, overwrite=overwrite) as tmp:
@@ -107,6 +117,10 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         manifest["build"]["declined_rewrites"] = pass_ctx.declined
         if pass_ctx.plan:
             manifest["precision_plan"] = pass_ctx.plan
+        if report:
+            from flagc.quant_report import write_report
+
+            manifest["report"] = write_report(graph, tmp, tokenizer, plan=pass_ctx.plan)["overall"]
         manifest.update(_zoo_manifest(graph))
         if tgt.backend == "tensorrt":
             update_manifest(manifest, trt_info)

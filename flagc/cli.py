@@ -63,6 +63,10 @@ def build(
     pass_option: list[str] = typer.Option([], "--pass-option",
                                           help="KEY=VALUE read by passes (repeatable), e.g. "
                                                "fp16_limit=4096"),
+    quant_block: Optional[int] = typer.Option(None, "--quant-block",
+                                              help="onnx-int4 block size: 16/32/64/128/256"),
+    report: bool = typer.Option(False, "--report", help="write report.json/report.md: "
+                                "quantization accuracy vs the float weights"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -81,7 +85,8 @@ def build(
                        seed=seed, check_resources=not force, model_dir=model_dir,
                        frontend=frontend, dump_ir=dump_ir, check=check,
                        passes=passes.split(",") if passes else None,
-                       pass_options=_pass_options(pass_option))
+                       pass_options=_pass_options(pass_option), quant_block=quant_block,
+                       report=report)
     if not quiet:
         for p in result["build"]["passes"]:
             if p["rewrites"]:

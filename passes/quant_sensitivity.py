@@ -19,18 +19,39 @@ import torch.nn.functional as F
 from flagc.ir.graph import Graph, Node
 from flagc.ir.quant import QuantScheme, dequantize_weight, fake_quant_activation, quantize_weight
 
-__all__ = ["Calibration"]
+__all__ = ["Calibration", "feeds_for_ids"]
+
+
+def feeds_for_ids(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for one sequence of token `ids` [1, T], no cache: ones mask, positions 0..T-1."""
+    from flagc.ir.symbolic import eval_dim
+
+    t = int(ids.shape[1])
+    symbols = {"batch": 1, "seq": t, "past": 0}
+    feeds = {}
+    for v in graph.inputs:
+        shape = tuple(d if isinstance(d, int) else eval_dim(d, symbols) for d in v.shape)
+        if v.name == "input_ids":
+            feeds[v.name] = np.asarray(ids).astype(v.dtype.numpy)
+        elif v.name == "position_ids":
+            feeds[v.name] = np.arange(t, dtype=v.dtype.numpy).reshape(shape)
+        elif v.name == "attention_mask":
+            feeds[v.name] = np.ones(shape, v.dtype.numpy)
+        else:  # past keys/values (empty), token types (zeros)
+            feeds[v.name] = np.zeros(shape, v.dtype.numpy)
+    return feeds
 
 
 class Calibration:
-    """Activations of one interpreter run (random token ids unless `feeds` are given)."""
+    """Activations of one interpreter run on `ids` [1, T] (64 fixed random ids if None)."""
 
-    def __init__(self, graph: Graph, feeds: Optional[dict] = None):
+    def __init__(self, graph: Graph, ids: Optional[np.ndarray] = None):
         from flagc.ir.interpreter import interpret_all
-        from flagc.passes.manager import random_feeds
 
-        if feeds is None:
-            feeds = random_feeds(graph, seed=0, batch=1, seq=64, past=0)
+        if ids is None:
+            vocab = _vocab(graph)
+            ids = np.random.default_rng(0).integers(0, vocab, size=(1, 64))
+        feeds = feeds_for_ids(graph, ids)
         self.feeds = feeds
         _, self.env = interpret_all(graph, feeds)
 
@@ -57,3 +78,8 @@ class Calibration:
     def errors(self, nodes: list[Node], scheme_for: Callable[[Node], QuantScheme],
                act_quant: str, importance: Callable[[Node], Optional[np.ndarray]]):
         return {n: self.error(n, scheme_for(n), act_quant, importance(n)) for n in nodes}
+
+
+def _vocab(graph: Graph) -> int:
+    logits = graph.outputs.get("logits")
+    return int(logits.shape[-1]) if logits is not None else 100

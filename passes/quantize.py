@@ -170,7 +170,7 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
     if opts.sensitive or opts.calibrate:
         from flagc.passes.quant_sensitivity import Calibration
 
-        calib = Calibration(graph, ctx.options.get("calibration_feeds"))
+        calib = Calibration(graph, ctx.options.get("calibration_ids"))
         if opts.calibrate:
             importance = {n: calib.importance(n) for n in decisions}
         if opts.sensitive:
