@@ -144,6 +144,39 @@ class _Logger:
         self.logger = Logger()
 
 
+class _RtxRuntimeCache:
+    """TensorRT-RTX compiles kernels just in time on the GPU; its runtime cache keeps them in
+    `<engine>.rtx-cache` beside the plan, so the next load skips the compilation. Decode steps
+    repeat their shapes, so the whole graph is captured as a CUDA graph per shape.
+    No-op for full TensorRT. (Not yet run on an Ampere/Ada/Blackwell GPU: see issue 6.)
+    """
+
+    def __init__(self, trt, engine, plan_path: str):
+        self.config = self.cache = None
+        self.path = plan_path + ".rtx-cache"
+        if not (hasattr(trt, "IRuntimeCache") and hasattr(engine, "create_runtime_config")):
+            return  # full TensorRT: kernels were chosen at build time
+        self.config = engine.create_runtime_config()
+        if hasattr(trt, "CudaGraphStrategy"):
+            self.config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        self.cache = self.config.create_runtime_cache()
+        if os.path.isfile(self.path):
+            with open(self.path, "rb") as f:
+                self.cache.deserialize(f.read())  # False on a mismatch: simply recompiles
+        self.config.set_runtime_cache(self.cache)
+
+    def save(self) -> None:
+        if self.cache is None:
+            return
+        try:
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(memoryview(self.cache.serialize()))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only artifact only loses the cache, never the run
+
+
 class TrtEngine:
     """A TensorRT engine with the OrtEngine interface (see the module docstring)."""
 
@@ -165,7 +198,9 @@ class TrtEngine:
             raise ArtifactError(f"{os.path.join(folder, engine_file)}: {info['flavor']} "
                                 f"{trt.__version__} cannot deserialize the engine: "
                                 + ("; ".join(log.errors[-3:]) or "no message"))
-        context = engine.create_execution_context()
+        self._rtx = _RtxRuntimeCache(trt, engine, os.path.join(folder, engine_file))
+        context = engine.create_execution_context(self._rtx.config) if self._rtx.config \
+            else engine.create_execution_context()
         if context is None:
             raise RuntimeInputError("TensorRT could not create an execution context: "
                                     + ("; ".join(log.errors[-3:]) or "out of GPU memory?"))
@@ -177,6 +212,7 @@ class TrtEngine:
                      role: str | None = None) -> "TrtEngine":
         """An engine over an existing execution context (tests use a stand-in context)."""
         self = cls.__new__(cls)
+        self._rtx = None
         self._setup(manifest, context, device, role)
         return self
 
@@ -234,6 +270,8 @@ class TrtEngine:
         binding.execute()
         self.run_seconds += time.perf_counter() - t0
         self.run_calls += 1
+        if self._rtx is not None and self.run_calls in (1, 2, 64):  # prefill, decode, warm
+            self._rtx.save()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict:
         missing = [n for n in self.input_names if n not in feeds]
