@@ -228,7 +228,9 @@ def build_engine(onnx_path: str, engine_path: str, profiles: Mapping[str, Mappin
         "strongly_typed": True,
         "profiles": [{k: {kk: list(vv) for kk, vv in v.items()} for k, v in profiles.items()}],
         "io": {"inputs": list(io["inputs"].values()), "outputs": list(io["outputs"].values())},
-        "timing_cache": (os.path.basename(timing_cache) if cache is not None else None),
+        "timing_cache": (os.path.basename(timing_cache) if cache is not None else
+                         "none: TensorRT-RTX picks kernels at run time (runtime cache beside "
+                         "the plan)" if flavor.name == "tensorrt-rtx" else None),
         "build_seconds": round(time.perf_counter() - t0, 3),
         "layers": network.num_layers,
     }
