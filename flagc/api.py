@@ -131,12 +131,29 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
          custom: Optional[str] = None, passes: Optional[list[str]] = None,
-         random_weights: bool = False, seed: int = 0):
+         random_weights: bool = False, seed: int = 0, task: str = "text-generation",
+         model_dir: Optional[str] = None, frontend: str = "auto"):
     """What `build` with these arguments would do and cost (flagc.build_plan.BuildPlan), without
-    reading any weight: `flagc build --dry-run`."""
+    reading any weight: `flagc build --dry-run`. A zoo name not downloaded yet is planned from
+    its zoo config (same shapes) rather than downloaded."""
     tgt = get_target(target)
-    source, graph, _, graph_source = _frontend(model, custom, random_weights, seed)
-    return _plan(source, graph, graph_source, tgt, output, passes)
+    layout_only = not random_weights and _not_downloaded(model, model_dir)
+    source, graph, _, graph_source = _frontend(model, custom, random_weights or layout_only,
+                                               seed, task, model_dir, frontend)
+    result = _plan(source, graph, graph_source, tgt, output, passes)
+    if layout_only:
+        result.source = "zoo config; the checkpoint is not downloaded yet"
+        result.notes.append(f"the build first downloads {model}'s checkpoint into "
+                            f"{model_dir or './checkpoints'} (not counted above)")
+    return result
+
+
+def _not_downloaded(model: str, model_dir: Optional[str]) -> bool:
+    from flagc.models.base import resolve_local_dir
+    from flagc.models.registry import hub_model
+
+    return (not os.path.exists(model) and hub_model(model) is not None
+            and resolve_local_dir(model_dir or "./checkpoints", model) is None)
 
 
 def _frontend(model: str, custom: Optional[str], random_weights: bool, seed: int,

@@ -75,7 +75,8 @@ def build(
     set_quiet(quiet)
     if dry_run:
         plan = api.plan(model, target, output, custom=custom, random_weights=random_weights,
-                        seed=seed)
+                        seed=seed, task=task, model_dir=model_dir, frontend=frontend,
+                        passes=passes.split(",") if passes else None)
         typer.echo(plan.render())
         if not force:
             plan.check()  # the same refusal (and exit status 1) the real build would give
