@@ -65,7 +65,8 @@ def _rate_column(unit: str):
     class RateColumn(ProgressColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
-            return Text("" if speed is None else f"{speed:.1f} {unit}/s", style="progress.data.speed")
+            text = "" if speed is None else f"{speed:.1f} {unit}/s"
+            return Text(text, style="progress.data.speed")
 
     return RateColumn()
 

@@ -217,9 +217,9 @@ def test_safetensors_reads_match_and_leave_no_map_behind(tmp_path):
     from flagc.checkpoints.stores import open_weight_store
 
     path = str(tmp_path / "model.safetensors")
-    tensors = {"a": torch.randn(33, 17).to(torch.bfloat16), "b": torch.randn(5, dtype=torch.float16),
-               "c": torch.arange(7, dtype=torch.int64), "d": torch.randn(2, 3, 4),
-               "e": torch.zeros(0, 4)}
+    tensors = {"a": torch.randn(33, 17).to(torch.bfloat16),
+               "b": torch.randn(5, dtype=torch.float16), "c": torch.arange(7, dtype=torch.int64),
+               "d": torch.randn(2, 3, 4), "e": torch.zeros(0, 4)}
     save_file(tensors, path)
     store = open_weight_store(path)
     expected = load_file(path)
