@@ -159,10 +159,17 @@ def source_line(node) -> str:
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") \
                 else ""
             parts = lines[i].split(",")
-            path = parts[0][len("File "):].strip().strip('"')
+            path = _short_path(parts[0][len("File "):].strip().strip('"'))
             lineno = parts[1].strip().replace("line ", "") if len(parts) > 1 else "?"
             return f"{path}:{lineno}" + (f" ({code})" if code else "")
     return "unknown source line"
+
+
+def _short_path(path: str) -> str:
+    import os
+
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 class Converter:

@@ -57,6 +57,7 @@ def uses_torch_frontend(source: ModelSource, task: str, frontend: str = "auto") 
     from flagc.errors import FlagcError
     from flagc.models.registry import family_for_model_type, normalize_task
 
+    _adopt_hub_model_type(source)
     try:
         family_for_model_type(source.model_type)
     except FlagcError:
@@ -229,6 +230,18 @@ def zoo_graph(source: ModelSource, task: str, name: str = "model") -> tuple[Grap
     cfg = dict(source.config)
     cfg["max_positions"] = _max_positions(config)
     return main, cfg
+
+
+def _adopt_hub_model_type(source: ModelSource) -> None:
+    """FlagAI's hub config.json files (GLM-large-ch, ...) carry no model_type: take the hub
+    table's, found by the folder's name."""
+    if source.model_type:
+        return
+    from flagc.models import registry
+
+    hub = registry.hub_model(os.path.basename(os.path.normpath(str(source.path))))
+    if hub is not None and hub.config.get("model_type"):
+        source.config["model_type"] = hub.config["model_type"]
 
 
 def _missing_type(source: ModelSource) -> str:
