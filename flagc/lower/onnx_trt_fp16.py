@@ -1,4 +1,4 @@
-"""fp32 ONNX -> fp16 ONNX for strongly typed TensorRT engines (weights, float I/O and math in fp16).
+"""fp32 ONNX -> fp16 ONNX for strongly typed TensorRT engines (weights, float I/O, math in fp16).
 
 A strongly typed TensorRT network computes in exactly the types the ONNX declares, so fp16 has
 to be in the file. This is flagc's minimal conversion for the TensorRT targets; it works on the
@@ -14,8 +14,9 @@ standard-ONNX form that `lower_to_onnx` writes for them:
 - scalars and Constant values adopt whichever type their consumer computes in; a float produced
   by casting integers (index arithmetic such as T5's bucket math) stays fp32 so it stays exact.
 
-The precision pass in `passes/` plans the same thing on the IR; this module is the TensorRT
-targets' own conversion and needs nothing but the lowered file.
+The precision pass in `passes/` (precision-fp16) plans this on the IR, and trt-fp16 normally
+lowers its plan as it is; this conversion is the fallback for a graph that reaches lowering
+without a plan (e.g. `--passes` without precision-fp16) and needs nothing but the lowered file.
 """
 
 from __future__ import annotations
