@@ -88,9 +88,7 @@ def gqa_attention(ctx, node, ins, outs) -> bool:
         return False
     em, a = ctx.em, node.attrs
     q, k, v, past_k, past_v, mask = ins[:6]
-    q3 = em.op("Reshape", [q, em.i64(0, 0, -1)])
-    k3 = em.op("Reshape", [k, em.i64(0, 0, -1)])
-    v3 = em.op("Reshape", [v, em.i64(0, 0, -1)])
+    q3, k3, v3 = (ctx.heads_flat(node.inputs[i], ins[i]) for i in range(3))
     seqlens, total, seq = _lengths(ctx, node, ins)
     bias = _padding_bias(ctx, node, ins, seq, node.inputs[0].dtype) if mask is not None else None
     inputs = [q3, k3, v3, past_k, past_v, seqlens, total, None, None, None, bias]
@@ -107,11 +105,12 @@ def rotary_embedding(ctx, node, ins, outs) -> bool:
             x.dtype not in (DType.F32, DType.F16, DType.BF16):
         return False
     em = ctx.em
-    x3 = em.op("Reshape", [ins[0], em.i64(0, 0, h * d)])
+    x3 = ctx.heads_flat(x, ins[0])
     y3 = em.op("RotaryEmbedding", [x3, ins[1], ins[2], ins[3]], domain=MS,
                interleaved=int(bool(node.attrs["interleaved"])), num_heads=h,
                rotary_embedding_dim=int(node.attrs["rotary_dim"]))
     em.op("Reshape", [y3, em.i64(0, 0, h, d)], outs)
+    ctx.flat[node.outputs[0]] = y3
     return True
 
 
@@ -131,9 +130,7 @@ def mha_attention(ctx, node, ins, outs) -> bool:
     if not _mha_supported(node, ins):
         return False
     em, a = ctx.em, node.attrs
-    q3 = em.op("Reshape", [ins[0], em.i64(0, 0, -1)])
-    k3 = em.op("Reshape", [ins[1], em.i64(0, 0, -1)])
-    v3 = em.op("Reshape", [ins[2], em.i64(0, 0, -1)])
+    q3, k3, v3 = (ctx.heads_flat(node.inputs[i], ins[i]) for i in range(3))
     bias = ins[6]
     if bias is not None and node.inputs[6].shape[2] == 1:
         key = ("mha-bias", bias)

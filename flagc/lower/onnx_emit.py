@@ -114,3 +114,16 @@ def merge_reshape_chains(em: OnnxEmitter, keep: set[str]) -> int:
         removed.add(id(inner))
     em.nodes = [n for n in em.nodes if id(n) not in removed]
     return len(removed)
+
+
+def prune_dead_nodes(em: OnnxEmitter, keep: set[str]) -> int:
+    """Drop nodes none of whose outputs is read (lowering may route around a value it emitted,
+    e.g. a 4-D view a fused kernel did not need). Returns how many were dropped."""
+    removed = 0
+    while True:
+        read = {i for n in em.nodes for i in n.input} | keep
+        alive = [n for n in em.nodes if any(o and o in read for o in n.output)]
+        if len(alive) == len(em.nodes):
+            return removed
+        removed += len(em.nodes) - len(alive)
+        em.nodes = alive

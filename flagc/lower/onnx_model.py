@@ -18,7 +18,8 @@ from flagc.ir.graph import Graph, Value
 from flagc.ir.ops import opdef
 from flagc.ir.symbolic import dim_str
 from flagc.ir.types import DType
-from flagc.lower.onnx_emit import ONNX_DTYPE, OnnxEmitter, merge_reshape_chains
+from flagc.lower.onnx_emit import (ONNX_DTYPE, OnnxEmitter, merge_reshape_chains,
+                                   prune_dead_nodes)
 from flagc.lower.onnx_ops import LowerContext, lowering_for
 from flagc.lower.onnx_stream import external_tensor
 from flagc.lower.targets import Target
@@ -67,6 +68,7 @@ def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]
         if ctx.name(v) != out_name:
             em.op("Identity", [ctx.name(v)], [out_name])
     merge_reshape_chains(em, keep=set(graph.outputs))
+    prune_dead_nodes(em, keep=set(graph.outputs))
     return em, ctx
 
 

@@ -31,12 +31,20 @@ class LowerContext:
         self.em = em
         self.contrib_ops = contrib_ops  # may emit onnxruntime's com.microsoft fused ops
         self.used: Optional[set[Value]] = None  # values something reads (None: assume all)
+        self.flat: dict[Value, str] = {}  # [b, s, h, d] values also available as [b, s, h*d]
         self.names: dict[Value, str] = {}
         self.weight_dtype = weight_dtype
         self.weight_loaders: dict[str, Callable[[], np.ndarray]] = {}
 
     def is_used(self, v: Value) -> bool:
         return self.used is None or v in self.used
+
+    def heads_flat(self, v: Value, name: str) -> str:
+        """A [b, s, h, d] value as [b, s, h*d] for kernels that take heads flattened: the 3-D
+        tensor it was split from (or a fused kernel produced) when known, else a Reshape."""
+        if v in self.flat:
+            return self.flat[v]
+        return self.em.op("Reshape", [name, self.em.i64(0, 0, -1)])
 
     def name(self, v: Optional[Value]) -> Optional[str]:
         if v is None:
@@ -212,6 +220,9 @@ def _reduce(onnx_op: str, axes_as_input: bool):
 
 def _reshape(ctx, node, ins, outs):
     ctx.em.op("Reshape", [ins[0], ctx.em.i64(*node.attrs["shape"])], outs)
+    x, y = node.inputs[0], node.outputs[0]
+    if x.rank == 3 and y.rank == 4 and y.shape[:2] == x.shape[:2]:  # heads split off
+        ctx.flat[y] = ins[0]
 
 
 def _transpose(ctx, node, ins, outs):
