@@ -27,6 +27,7 @@ def feeds_for_ids(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
     from flagc.ir.symbolic import eval_dim
 
     t = int(ids.shape[1])
+    rng = np.random.default_rng(0)
     symbols = {"batch": 1, "seq": t, "past": 0}
     feeds = {}
     for v in graph.inputs:
@@ -37,7 +38,9 @@ def feeds_for_ids(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
             feeds[v.name] = np.arange(t, dtype=v.dtype.numpy).reshape(shape)
         elif v.name == "attention_mask":
             feeds[v.name] = np.ones(shape, v.dtype.numpy)
-        else:  # past keys/values (empty), token types (zeros)
+        elif v.dtype.is_float:  # past keys/values (empty at past=0), or a float input
+            feeds[v.name] = rng.standard_normal(shape).astype(v.dtype.numpy)
+        else:  # token types
             feeds[v.name] = np.zeros(shape, v.dtype.numpy)
     return feeds
 

@@ -5,7 +5,7 @@
   compute (AVX512-VNNI / AMX) with the activations quantized per block.
 - per-channel int8 with dynamic activations ('tensor') -> DynamicQuantizeMatMul, B as s8 [K, N]
   (codes - 128, transposed at write time).
-- per-channel int8 weight-only ('none') -> DequantizeLinear + MatMul.
+- per-channel int8 weight-only ('none') -> Cast * scale + MatMul (int8 on disk, fp32 compute).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from flagc.errors import LoweringError
 from flagc.ir.graph import Node
 from flagc.ir.types import DType
+from flagc.lower.onnx_emit import ONNX_DTYPE
 
 __all__ = ["lower_qlinear"]
 
@@ -44,22 +45,25 @@ def lower_qlinear(ctx, node: Node, ins, outs) -> None:
     c = node.inputs[1]
     n, nb, blob = (int(d) for d in c.shape)
     block = blob * 8 // bits
-    per_channel = nb == 1 and block == k
-    if not per_channel or a["act_quant"] == "block":
+    # int8 per channel (one block of K) with dynamic or no activation quantization takes the
+    # int8 GEMM kernels; everything else (int4, 8-bit blocks) is MatMulNBits.
+    per_channel_int8 = bits == 8 and nb == 1 and block == k and a["act_quant"] != "block"
+    if not per_channel_int8:
         em.op("MatMulNBits", [x, codes, scales, zp, None, bias], outs, domain=MS, K=k, N=n,
               bits=bits, block_size=block, accuracy_level=4 if a["act_quant"] == "block" else 0)
         return
-    if bits != 8 or zp is not None:
-        raise LoweringError(f"qlinear ({node.name or 'unnamed'}): per-channel weights lower "
-                            f"only as symmetric int8, got int{bits}"
-                            f"{' with zero points' if zp is not None else ''}")
+    if zp is not None:
+        raise LoweringError(f"qlinear ({node.name or 'unnamed'}): per-channel int8 lowers "
+                            f"only symmetric (no zero points)")
     w = em.weight(c.name + ".s8", DType.I8, (k, n), _s8_kn(ctx.weight_loaders[c.name], k))
     s = em.weight(node.inputs[2].name + ".flat", DType.F32, (n,),
                   _flat_scales(ctx.weight_loaders[node.inputs[2].name]))
     if a["act_quant"] == "tensor":
         em.op("DynamicQuantizeMatMul", [x, w, s, None, bias], outs, domain=MS)
         return
-    deq = em.op("DequantizeLinear", [w, s], axis=1)
+    # Cast * scale, not DequantizeLinear: onnxruntime rewrites DequantizeLinear -> MatMul into
+    # a kernel that also quantizes the activations; this form folds to an fp32 weight at load.
+    deq = em.op("Mul", [em.op("Cast", [w], to=ONNX_DTYPE[DType.F32]), s])
     if bias is None:
         em.op("MatMul", [x, deq], outs)
     else:
