@@ -83,8 +83,6 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
     token_times: list[float] = []
     logits = _start(decoder, prompts, pad_id, max(len(p) for p in prompts) + budget, resume)
     for step in range(budget):
-        if step:
-            logits = decoder.append(tokens)
         tokens = sampler.step(logits)
         token_times.append(time.perf_counter() - start)
         was_stopped = stops.stopped.copy()
@@ -97,8 +95,9 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
                 piece = stops.pop_text(int(row))
                 if piece:
                     on_text(int(row), piece)
-        if now_stopped.all():
-            break
+        if now_stopped.all() or step == budget - 1:
+            break  # the last token is never run: nothing would read its keys and values
+        logits = decoder.append(tokens)
     results = []
     for row in range(batch):
         stopped = bool(stops.stopped[row])
