@@ -62,16 +62,25 @@ def write_trt_onnx(graph: Graph, target: Target, path: str,
         raise LoweringError(f"target {target.name!r}: precision {target.precision!r} has no "
                             "TensorRT lowering")
 
-    def transform(model):
-        if fn is not None:
-            model = fn(model)
-        recast = unify_kv_inputs(model)
-        if recast:
-            info["kv_inputs_recast"] = recast
-        return model
-
-    _rewrite(path, transform)
+    if fn is not None:
+        _rewrite(path, fn)
+    _unify_kv_in_file(path, info)
     return info
+
+
+def _unify_kv_in_file(path: str, info: dict[str, Any]) -> None:
+    """unify_kv_inputs on the file, reading only the graph: weights in `.data` stay untouched."""
+    model = onnx.load(path, load_external_data=False)
+    recast = unify_kv_inputs(model)
+    if not recast:
+        return
+    info["kv_inputs_recast"] = recast
+    onnx.save_model(model, path)  # external tensors keep their location/offset entries
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:
+        raise LoweringError(f"the TensorRT ONNX {path} is inconsistent after retyping the KV "
+                            f"inputs {recast}: {exc}") from exc
 
 
 def unify_kv_inputs(model: onnx.ModelProto) -> list[str]:
