@@ -188,8 +188,8 @@ class TrtEngine:
         data = check_plan(folder, manifest, role)
         info = manifest["tensorrt"]
         engine_file = info["companions"][role]["engine"] if role else manifest["engine"]
+        index = check_device(info, device)  # before the import: installing can't fix the GPU
         trt = load_flavor(info)
-        index = check_device(info, device)
         torch.cuda.set_device(index)
         log = _Logger(trt).logger
         self._runtime = trt.Runtime(log)  # kept alive: the engine refers to it
