@@ -21,6 +21,17 @@ CALIBRATION_TEXT = (
     "chlorophyll and generates oxygen as a byproduct. In economics, inflation is a general "
     "increase in the prices of goods and services. Python is a high-level programming language "
     "whose design philosophy emphasizes code readability with the use of significant indentation."
+    " The Amazon rainforest covers much of the Amazon basin of South America and is home to an "
+    "enormous variety of plants, insects, birds and mammals. Many of its species have not yet "
+    "been described by scientists.\n\nQ: What is the boiling point of water at sea level?\nA: "
+    "Water boils at 100 degrees Celsius, or 212 degrees Fahrenheit, at standard atmospheric "
+    "pressure.\n\nThe old lighthouse keeper climbed the spiral stairs every evening to light the "
+    "lamp. Ships passing the rocky coast relied on its beam, and for forty years he never missed "
+    "a single night, not even during the great storm of the winter when the waves reached the "
+    "windows of his small cottage. def add(a, b):\n    return a + b\n\nfor i in range(10):\n    "
+    "print(add(i, i * 2))\n\nThe treaty was signed in 1648 and ended a long period of war in "
+    "central Europe. Historians still debate its consequences for the balance of power between "
+    "the states of the continent."
 )
 
 

@@ -62,6 +62,12 @@ class Calibration:
         x = self.env[node.inputs[0]].float()
         return x.reshape(-1, x.shape[-1]).pow(2).mean(0).numpy()
 
+    def hessian(self, node: Node) -> np.ndarray:
+        """X^T X of the linear's calibration inputs [K, K] (GPTQ's layer Hessian, up to 2/T)."""
+        x = self.env[node.inputs[0]].double()
+        x = x.reshape(-1, x.shape[-1])
+        return (x.T @ x / x.shape[0]).numpy()
+
     def error(self, node: Node, scheme: QuantScheme, act_quant: str,
               importance: Optional[np.ndarray] = None) -> float:
         """||y_q - y|| / ||y|| with only this linear quantized."""

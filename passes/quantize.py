@@ -34,8 +34,8 @@ from flagc.errors import ConfigError
 from flagc.ir.builder import make_node
 from flagc.ir.graph import Graph, Node, WeightSource
 from flagc.ir.ops import Op
-from flagc.ir.quant import ACT_QUANT, BLOCK_SIZES, QuantScheme, codes_shape, n_blocks, quantize_weight, \
-    zero_points_cols
+from flagc.ir.quant import ACT_QUANT, BLOCK_SIZES, QuantScheme, codes_shape, gptq_quantize, \
+    n_blocks, quantize_weight, zero_points_cols
 from flagc.ir.types import DType, TensorType
 from flagc.passes.manager import PassContext, register_pass
 
@@ -55,6 +55,7 @@ class QuantOptions:
     lm_head_bits: int  # 4, 8, or 0 (float)
     act_quant: str  # flagc.ir.quant.ACT_QUANT
     calibrate: bool  # weight the scale search by calibration activations
+    gptq: bool  # GPTQ error feedback on calibration activations (implies calibrate)
 
 
 def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
@@ -78,7 +79,9 @@ def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
         raise ConfigError(f"quant_act must be one of {ACT_QUANT}, got {act!r}")
     return QuantOptions(precision, int(block), bool(options.get("quant_symmetric", False)),
                         tuple(skip), sensitive, lm_head, act,
-                        bool(options.get("quant_calibrate", False)))
+                        bool(options.get("quant_calibrate", False)
+                             or options.get("quant_gptq", False)),
+                        bool(options.get("quant_gptq", False)))
 
 
 class _LazyQuantized:
@@ -87,15 +90,19 @@ class _LazyQuantized:
     _last: tuple[int, Any] = (0, None)  # (id of the owner, result): one tensor at a time
 
     def __init__(self, source: WeightSource, scheme: QuantScheme,
-                 importance: Optional[np.ndarray] = None):
+                 importance: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None):
         self.source, self.scheme, self.importance = source, scheme, importance
+        self.hessian = hessian
 
     def part(self, index: int) -> WeightSource:
         def load():
             key, result = _LazyQuantized._last
             if key != id(self) or result is None:
-                result = quantize_weight(np.asarray(self.source.load()), self.scheme,
-                                         self.importance)
+                w = np.asarray(self.source.load())
+                if self.hessian is not None and self.scheme.bits == 4:
+                    result = gptq_quantize(w, self.scheme, self.hessian)
+                else:
+                    result = quantize_weight(w, self.scheme, self.importance)
                 _LazyQuantized._last = (id(self), result)
             return result[index]
         what = ("codes", "scales", "zero points")[index]
@@ -111,11 +118,12 @@ def _scheme_for(opts: QuantOptions, bits: int) -> QuantScheme:
 
 
 def quantize_linear(graph: Graph, node: Node, scheme: QuantScheme, act_quant: str,
-                    importance: Optional[np.ndarray] = None) -> Node:
+                    importance: Optional[np.ndarray] = None,
+                    hessian: Optional[np.ndarray] = None) -> Node:
     """The QLINEAR node replacing `node` (a LINEAR reading a weight), with lazy initializers."""
     w = node.inputs[1]
     n, k = (int(d) for d in w.shape)
-    lazy = _LazyQuantized(graph.weight_sources[w.name], scheme, importance)
+    lazy = _LazyQuantized(graph.weight_sources[w.name], scheme, importance, hessian)
     tag = f"{w.name}.q{scheme.bits}b{scheme.block}{'s' if scheme.symmetric else 'a'}"
     codes = graph.add_weight(tag, TensorType(DType.U8, codes_shape(n, k, scheme)), lazy.part(0))
     nb = n_blocks(k, scheme.block_for(k))
@@ -167,12 +175,15 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
             decisions[node] = (default_bits, "default")
     measured: dict[Node, float] = {}
     importance: dict[Node, np.ndarray] = {}
+    hessians: dict[Node, np.ndarray] = {}
     if opts.sensitive or opts.calibrate:
         from flagc.passes.quant_sensitivity import Calibration
 
         calib = Calibration(graph, ctx.options.get("calibration_ids"))
         if opts.calibrate:
             importance = {n: calib.importance(n) for n in decisions}
+        if opts.gptq:
+            hessians = {n: calib.hessian(n).astype(np.float32) for n in decisions}
         if opts.sensitive:
             todo = [n for n, (b, _) in decisions.items() if b == default_bits]
             measured = calib.errors(todo, lambda n: _scheme_for(opts, default_bits), act,
@@ -196,7 +207,7 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
             scheme = _scheme_for(opts, bits)
             entry["scheme"] = scheme.describe()
             replaced[id(node)] = quantize_linear(graph, node, scheme, act,
-                                                 importance.get(node))
+                                                 importance.get(node), hessians.get(node))
             counts[f"int{bits}"] += 1
         layers[node.inputs[1].name] = entry
     graph.nodes = [replaced.get(id(n), n) for n in graph.nodes]
@@ -211,6 +222,7 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
                     else []),
         "sensitive_kept": opts.sensitive,
         "calibrated": bool(importance),
+        "gptq": bool(hessians),
         "layers": layers,
     }
     return {k: v for k, v in counts.items() if v}

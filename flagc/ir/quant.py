@@ -19,7 +19,8 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["QuantScheme", "quantize_weight", "dequantize_weight", "fake_quant_activation",
-           "ACT_QUANT", "BLOCK_SIZES", "n_blocks", "codes_shape", "zero_points_cols"]
+           "ACT_QUANT", "BLOCK_SIZES", "n_blocks", "codes_shape", "zero_points_cols",
+           "gptq_quantize"]
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits needs a power of two >= 16
 ACT_QUANT = ("none", "tensor", "block")  # activations: float, dynamic per-tensor u8, per-block s8
@@ -190,3 +191,51 @@ def codes_shape(n: int, k: int, scheme: QuantScheme) -> tuple[int, int, int]:
 
 def zero_points_cols(n_blk: int, bits: int) -> int:
     return -(-n_blk * bits // 8)
+
+
+def gptq_quantize(w: np.ndarray, scheme: QuantScheme, hessian, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) on the block grid the scale search picks:
+    columns are rounded in order and each rounding error is spread over the not yet rounded
+    columns through the inverse Hessian of the layer's calibration inputs (H = X^T X), so the
+    layer's *output* error shrinks rather than each weight's. Same return as quantize_weight."""
+    import torch
+
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    block = scheme.block_for(k)
+    h = torch.as_tensor(hessian, dtype=torch.float64).clone()
+    _, scales, zero_points = quantize_weight(w, scheme, importance=np.diag(h.numpy()))
+    nb = n_blocks(k, block)
+    mid = 1 << (scheme.bits - 1)
+    qmax = (1 << scheme.bits) - 1
+    if zero_points is None:
+        z = torch.full((n, nb), float(mid), dtype=torch.float64)
+    else:
+        z = torch.from_numpy(zero_points).to(torch.int32)
+        z = (z if scheme.bits == 8 else torch.stack((z & 0xF, z >> 4), -1).flatten(-2))
+        z = z[:, :nb].to(torch.float64)
+    s = torch.from_numpy(scales).to(torch.float64)
+    W = torch.from_numpy(w).to(torch.float64)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    Q = torch.empty((n, nb * block), dtype=torch.float64)
+    Q[:, k:] = z[:, -1:].expand(n, nb * block - k)  # padding codes the zero point: weight 0
+    for i1 in range(0, k, 128):
+        i2 = min(i1 + 128, k)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            b = (i1 + i) // block
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / s[:, b]) + z[:, b], 0, qmax)
+            Q[:, i1 + i] = q
+            e = (col - (q - z[:, b]) * s[:, b]) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+    codes = Q.to(torch.uint8).numpy().reshape(n, nb, block)
+    return np.ascontiguousarray(_pack(codes, scheme.bits)), scales, zero_points
