@@ -169,6 +169,10 @@ def random_feeds(graph: Graph, seed: int = 0, batch: int = 2, seq: int = 5, past
 
     rng = np.random.default_rng(seed)
     symbols = {"batch": batch, "seq": seq, "past": past}
+    for v in graph.inputs:  # other symbols (T5's source length `src`) take the seq length
+        for d in v.shape:
+            for name in ([] if isinstance(d, int) else d.symbols):
+                symbols.setdefault(name, seq)
     # Integer inputs index embedding tables: draw below the smallest table each one reads.
     bounds: dict[str, int] = {}
     for n in graph.nodes:

@@ -246,6 +246,16 @@ def test_minilm_embeddings_match_sentence_transformers(tmp_path):
     cos = (ours * want).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(want, axis=1)
     assert ours.shape == (20, 384)
     assert cos.min() >= 0.99999, f"min cosine {cos.min()}"
+    # `flagc run` prints the vector
+    from typer.testing import CliRunner
+
+    from flagc.cli import app
+
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "minilm"), "--prompt", SENTENCES[0],
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    vector = np.array(json.loads(res.output)["embedding"], np.float32)
+    assert np.abs(vector - ours[0]).max() < 1e-5
 
 
 # ---- frontend contracts ------------------------------------------------------------------------
@@ -352,3 +362,24 @@ def test_bert_unilm_title_generation_matches_eager(tmp_path):
     assert ours == want
     beams = model.generate(source, max_new_tokens=4, num_beams=2, stop_token_ids=[3])
     assert len(beams.token_ids) <= 4
+
+
+def test_cli_build_hub_name_from_model_dir(tmp_path):
+    """`flagc build --model GLM-large-ch --model-dir DIR`: a FlagAI folder whose config.json has
+    no model_type takes the hub table's family."""
+    from typer.testing import CliRunner
+
+    from flagc.cli import app
+
+    folder = tmp_path / "ckpt" / "GLM-large-ch"
+    folder.mkdir(parents=True)
+    meta = json.loads((FIXTURE / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(meta["config"]))
+    shutil.copy(FIXTURE / "weights.safetensors", folder / "model.safetensors")
+    out = tmp_path / "glm"
+    res = CliRunner().invoke(app, ["build", "--model", "GLM-large-ch", "--model-dir",
+                                   str(tmp_path / "ckpt"), "--task", "lm", "-o", str(out),
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["zoo"]["family"] == "glm" and manifest["kv_cache"]["layers"] == 2
