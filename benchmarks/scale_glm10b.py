@@ -39,20 +39,40 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measured_build(model: str, target: str, out: str, seed: int, extra: list[str]) -> dict:
+def _partial_bytes(out: str) -> int:
+    """Bytes a running build has written so far (its temp folder beside `out`)."""
+    parent, base = os.path.split(os.path.abspath(out))
+    total = 0
+    for entry in os.listdir(parent):
+        if entry.startswith(f".{base}.flagc-tmp-"):
+            folder = os.path.join(parent, entry)
+            total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    return total
+
+
+def measured_build(model: str, target: str, out: str, seed: int, extra: list[str],
+                   time_limit: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "flagc.cli", "build", "-m", model, "--random-weights",
            "--seed", str(seed), "-t", target, "-o", out, "-q", *extra]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(child.pid)
-    peak = 0
+    peak, written, stopped = 0, 0, False
     while child.poll() is None:
         peak = max(peak, tree_rss(proc))
+        if time_limit and time.perf_counter() - t0 > time_limit and not stopped:
+            written = _partial_bytes(out)
+            child.terminate()  # flagc turns SIGTERM into a clean interrupt (temp folder removed)
+            stopped = True
         time.sleep(0.2)
     seconds = time.perf_counter() - t0
     log = child.stdout.read()
     result = {"target": target, "command": " ".join(["flagc", *cmd[3:]]), "rc": child.returncode,
               "peak_rss_bytes": peak, "seconds": round(seconds, 1)}
+    if stopped:
+        result["error"] = f"stopped at the --time-limit of {time_limit:.0f} s"
+        result["partial_bytes_written"] = written
+        return result
     if child.returncode != 0:
         result["error"] = log.strip().splitlines()[-1] if log.strip() else "no output"
         return result
@@ -117,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--budget-gib", type=float, default=6.0, help="peak RSS bar per build")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop a build after this many seconds and report it as partial")
     ap.add_argument("build_args", nargs="*", help="extra `flagc build` flags (after --)")
     args = ap.parse_args(argv)
 
@@ -133,7 +155,7 @@ def main(argv=None) -> int:
     check_result = None
     for target in args.targets:
         out = os.path.join(args.out, f"{os.path.basename(args.model.rstrip('/'))}-{target}")
-        r = measured_build(args.model, target, out, args.seed, args.build_args)
+        r = measured_build(args.model, target, out, args.seed, args.build_args, args.time_limit)
         r["within_budget"] = r["peak_rss_bytes"] <= args.budget_gib * GIB
         report["builds"].append(r)
         _print_build(r)
@@ -158,8 +180,10 @@ def main(argv=None) -> int:
 
 def _print_build(r: dict) -> None:
     if r["rc"] != 0:
-        print(f"{r['target']}: FAILED (rc {r['rc']}) after {r['seconds']} s: {r.get('error')}",
-              flush=True)
+        partial = (f", {r['partial_bytes_written'] / GIB:.2f} GiB written"
+                   if "partial_bytes_written" in r else "")
+        print(f"{r['target']}: FAILED (rc {r['rc']}) after {r['seconds']} s: {r.get('error')}"
+              f" (peak RSS so far {r['peak_rss_bytes'] / GIB:.2f} GiB{partial})", flush=True)
         return
     print(f"{r['target']}: peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB, {r['seconds']} s, "
           f"{r['size_bytes'] / GIB:.2f} GiB on disk "
