@@ -180,6 +180,8 @@ class _RtxRuntimeCache:
 class TrtEngine:
     """A TensorRT engine with the OrtEngine interface (see the module docstring)."""
 
+    _rtx: "_RtxRuntimeCache | None" = None  # set by __init__ for TensorRT-RTX engines
+
     def __init__(self, folder: str, manifest: dict[str, Any], device: str = "cpu",
                  threads: int | None = None, role: str | None = None):
         """`role` loads a companion engine instead of the main one (T5's "encoder")."""
@@ -212,7 +214,6 @@ class TrtEngine:
                      role: str | None = None) -> "TrtEngine":
         """An engine over an existing execution context (tests use a stand-in context)."""
         self = cls.__new__(cls)
-        self._rtx = None
         self._setup(manifest, context, device, role)
         return self
 
