@@ -7,8 +7,8 @@ manifest (flavor, version, compute capabilities, profiles, sha256 of the plan).
 
 The intermediate ONNX is written to a temp folder inside the staged artifact and removed after the
 build: the artifact ships only the engine. `FLAGC_TRT_KEEP_ONNX=1` keeps it as `trt.onnx` (plus
-`trt.onnx.data` for big models) in the artifact to debug a parser or numerics problem with
-onnxruntime or polygraphy.
+`trt.onnx.data` for big models; `encoder.trt.onnx` for T5's encoder.plan) in the artifact to
+debug a parser or numerics problem with onnxruntime or polygraphy.
 """
 
 from __future__ import annotations
