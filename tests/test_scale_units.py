@@ -234,3 +234,33 @@ def test_safetensors_reads_match_and_leave_no_map_behind(tmp_path):
     assert store.tensor("d").shape == (2, 3, 4)
     with open("/proc/self/maps") as f:  # positioned reads: the file is not mapped
         assert path not in f.read()
+
+
+def _mapped_rss_kib(path: str) -> int:
+    """Resident KiB of this process's maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = line.rstrip().endswith(" " + os.path.realpath(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_bin_checkpoint_reads_release_their_pages(tmp_path):
+    import torch
+
+    from flagc.checkpoints.stores import open_weight_store
+
+    path = str(tmp_path / "pytorch_model.bin")
+    tensors = {"big": torch.randn(1024, 2048).to(torch.bfloat16), "small": torch.arange(5)}
+    torch.save(tensors, path)
+    store = open_weight_store(path)
+    for name in tensors:
+        assert torch.equal(store.tensor(name), tensors[name]), name
+    got = store.source("big").load()
+    np.testing.assert_array_equal(got, tensors["big"].float().numpy())
+    # 4 MiB of bf16 were read through the map; only edge pages may stay resident.
+    assert _mapped_rss_kib(path) < 256

@@ -150,6 +150,8 @@ class TorchBinStore(WeightStore):
                          else files[0])
         import torch
 
+        from flagc.checkpoints.page_release import copy_out, mapped_ranges
+
         for path in files:
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -160,10 +162,12 @@ class TorchBinStore(WeightStore):
                 sd = sd["module"]
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{path} does not hold a state dict ({type(sd).__name__})")
+            # Copies out of the map, whose pages are then released: see page_release.
+            ranges = mapped_ranges(path)
             for name, t in sd.items():
                 if isinstance(t, torch.Tensor):
                     self._index[name] = (str(t.dtype).replace("torch.", ""), tuple(t.shape),
-                                         (lambda t=t: t))
+                                         (lambda t=t, r=ranges: copy_out(t, r)))
 
 
 class MappedStore(WeightStore):
