@@ -464,7 +464,15 @@ def _slice(cx, x, dim=0, start=None, end=None, step=1):
     start = 0 if start is None else start
     end = INT64_MAX if end is None else end
     size = v.shape[axis]
-    start, end = _static_index(start, size), _static_index(end, size)
+    try:
+        start, end = _static_index(start, size), _static_index(end, size)
+    except UnsupportedOpError:
+        # Runtime bounds (HF's position_ids[:, past:past+seq]): gather arange(start, end);
+        # like torch, bounds are taken as in range (no clamping).
+        length = as_dim(end) - as_dim(start)
+        idx = cx.emit(Op.RANGE, [cx.sym_value(start), cx.sym_value(end)],
+                      length=length if isinstance(length, int) else dim_str(length))
+        return cx.emit(Op.GATHER, [v, idx], axis=axis)
     if start == 0 and end >= INT64_MAX:
         return v
     return cx.emit(Op.SLICE, [v], axis=axis, start=start, end=end)
@@ -495,6 +503,17 @@ def _select(cx, x, dim, index):
 def _index_select(cx, x, dim, index):
     v = cx.value(x)
     return cx.emit(Op.GATHER, [v, cx.value(index)], axis=_axis(dim, v.type.rank))
+
+
+@_reg(aten.index)
+def _index(cx, x, indices):
+    """x[..., idx, ...] with one index tensor (more need a gather_nd the IR does not have)."""
+    v = cx.value(x)
+    used = [(axis, i) for axis, i in enumerate(indices) if i is not None]
+    if len(used) != 1:
+        raise UnsupportedOpError(f"advanced indexing with {len(used)} index tensors")
+    axis, idx = used[0]
+    return cx.emit(Op.GATHER, [v, cx.value(idx, DType.I64)], axis=axis)
 
 
 @_reg(aten.cat)
@@ -555,6 +574,13 @@ def _zeros_ones(cx, size, **kwargs):
     dtype = cx.out_dtype()
     one = str(cx.node.target).startswith("aten.ones")
     return _full(cx, size, _fill_value(1 if one else 0, dtype), dtype)
+
+
+@_reg(aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty)
+def _new(cx, x, size, fill_value=0, **kwargs):
+    dtype = cx.out_dtype()
+    value = 1 if str(cx.node.target).startswith("aten.new_ones") else fill_value
+    return _full(cx, size, _fill_value(value, dtype), dtype)
 
 
 @_reg(aten.zeros_like, aten.ones_like, aten.full_like)

@@ -72,7 +72,8 @@ class SymVal:
 
 def capture(module: torch.nn.Module, inputs: Sequence[InputSpec], outputs: Sequence[str], *,
             weights: Optional[Mapping[str, WeightSource]] = None, name: str = "model",
-            example_sizes: Optional[Mapping[str, int]] = None, strip_prefix: str = "") -> Graph:
+            example_sizes: Optional[Mapping[str, int]] = None, strip_prefix: str = "",
+            dim_ranges: Optional[Mapping[str, tuple[int, int]]] = None) -> Graph:
     """Export `module` with torch.export and convert it to an IR graph (see module docstring).
 
     Args:
@@ -83,15 +84,18 @@ def capture(module: torch.nn.Module, inputs: Sequence[InputSpec], outputs: Seque
         name: the IR graph's name.
         example_sizes: symbol -> size used for the tracing examples (defaults are small primes).
         strip_prefix: removed from parameter names to name IR weights (a wrapper's `inner.`).
+        dim_ranges: symbol -> (min, max) where the defaults are too wide (a learned position
+            table bounds seq).
     """
-    exported = export_module(module, inputs, example_sizes)
+    exported = export_module(module, inputs, example_sizes, dim_ranges)
     cv = Converter(exported, inputs, outputs, weights, name, module)
     cv.strip_prefix = strip_prefix
     return cv.run()
 
 
 def export_module(module: torch.nn.Module, inputs: Sequence[InputSpec],
-                  example_sizes: Optional[Mapping[str, int]] = None):
+                  example_sizes: Optional[Mapping[str, int]] = None,
+                  dim_ranges: Optional[Mapping[str, tuple[int, int]]] = None):
     """torch.export with the declared dynamic dims, on fake / meta tensors."""
     sizes = dict(_EXAMPLE_SIZES, **(example_sizes or {}))
     param = next(iter(module.parameters()), None)
@@ -113,7 +117,7 @@ def export_module(module: torch.nn.Module, inputs: Sequence[InputSpec],
             concrete.append(eval_dim(parsed, {s: sizes.get(s, 4) for s in parsed.symbols}))
             if d in parsed.symbols or d.isidentifier():
                 if d not in dims:
-                    lo, hi = _DIM_RANGES.get(d, (1, 65536))
+                    lo, hi = {**_DIM_RANGES, **(dim_ranges or {})}.get(d, (1, 65536))
                     dims[d] = torch.export.Dim(d, min=lo, max=hi)
                 dyn[axis] = dims[d]
             else:
@@ -280,8 +284,9 @@ class Converter:
     def _module_source(self, fqn: str) -> WeightSource:
         tensor = None
         if self.module is not None:
-            state = self.ep.state_dict
-            tensor = state.get(fqn)
+            tensor = self.ep.state_dict.get(fqn)
+            if tensor is None:  # non-persistent buffers (HF's position_ids) are constants
+                tensor = self.ep.constants.get(fqn)
         if tensor is None or tensor.device.type == "meta":
             raise IRError(f"parameter {fqn!r} lives on the meta device and no WeightSource was "
                           "given for it: pass weights={name: WeightSource} to capture()")
