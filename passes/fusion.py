@@ -266,8 +266,81 @@ def _attention(m, r):
     return r.emit(Op.TRANSPOSE, [split], perm=_HEADS_FIRST)
 
 
+# Traced decoder attention with a KV cache: q/k/v arrive heads-first [b, h, s, d], the cache is
+# concat(past, new) along the sequence (its result is the graph's `present`), grouped heads are
+# repeated by unsqueeze/expand/reshape, and the causal + padding mask is an additive bias.
+
+
+def _cached_kv(name: str, past: str, new: str, repeated: bool) -> tuple[Pat, Pat]:
+    full = Pat(Op.CONCAT, [Var(past), Var(new)], {"axis": lambda a: a in (2, -2)}, name=name,
+               shared=True)
+    if not repeated:
+        return full, full
+    rep = Pat(Op.RESHAPE, [Pat(Op.EXPAND, [Pat(Op.UNSQUEEZE, [full], {"axes": [2]})],
+                               name=name + "_expand")], name=name + "_repeat")
+    return full, rep
+
+
+def _cached_attention_patterns() -> list[Pat]:
+    out = []
+    for repeated in (True, False):
+        _, krep = _cached_kv("k_full", "past_k", "kh", repeated)
+        _, vrep = _cached_kv("v_full", "past_v", "vh", repeated)
+        scores = Pat(Op.MATMUL, [Var("qh"), Pat(Op.TRANSPOSE, [krep],
+                                                {"perm": lambda p: list(p) == [0, 1, 3, 2]})])
+        for scaled in (Pat(Op.MUL, [scores, Const("scale")]),
+                       Pat(Op.DIV, [scores, Const("inv_scale")]), scores):
+            for masked in (Pat(Op.ADD, [scaled, Var("bias")]), scaled):
+                probs = Pat(Op.SOFTMAX, [masked], {"axis": lambda a: a in (-1, 3)})
+                out.append(Pat(Op.MATMUL, [probs, vrep]))
+    return out
+
+
+def _cached_attention_ok(m, g) -> Optional[str]:
+    qh, kh, vh, pk, pv = (m[n] for n in ("qh", "kh", "vh", "past_k", "past_v"))
+    if any(t.rank != 4 for t in (qh, kh, vh, pk, pv)):
+        return "q/k/v/past are not [batch, heads, seq, head_dim]"
+    H, KV = qh.shape[1], kh.shape[1]
+    if not isinstance(H, int) or not isinstance(KV, int) or H % KV or vh.shape[1] != KV:
+        return f"heads do not group: q {qh.type}, k {kh.type}, v {vh.type}"
+    if "k_full_expand" in m.nodes:
+        g_k = m.nodes["k_full_expand"].outputs[0].shape[2]
+        g_v = m.nodes["v_full_expand"].outputs[0].shape[2]
+        if g_k != H // KV or g_v != H // KV:
+            return "the repeated heads do not match num_heads / kv_heads"
+    elif H != KV:
+        return "grouped heads without a repeat"
+    if "bias" in m:
+        b = m["bias"]
+        if b.rank != 4 or b.dtype != qh.dtype or b.shape[1] not in (1, H):
+            return f"mask {b.type} is not an additive [b|1, h|1, s, T] bias"
+    return None
+
+
+def _cached_attention(m, r):
+    qh, kh, vh = m["qh"], m["kh"], m["vh"]
+    if "scale" in m.consts:
+        scale = m.consts["scale"]
+    elif "inv_scale" in m.consts:
+        scale = 1.0 / m.consts["inv_scale"]
+    else:
+        scale = 1.0  # e.g. T5, whose query projection is pre-scaled
+    q, k, v = (r.emit(Op.TRANSPOSE, [x], perm=_HEADS_FIRST) for x in (qh, kh, vh))
+    out, present_k, present_v = r.emit(
+        Op.ATTENTION, [q, k, v, m["past_k"], m["past_v"], None, m.get("bias")],
+        num_heads=int(qh.shape[1]), kv_heads=int(kh.shape[1]), scale=float(scale),
+        mask="bidirectional")  # the traced bias carries the causal part
+    r.alias(m.nodes["k_full"].outputs[0], present_k)
+    r.alias(m.nodes["v_full"].outputs[0], present_v)
+    b, h, s, d = qh.shape
+    split = r.emit(Op.RESHAPE, [out], shape=[0, 0, int(h), int(d)])
+    return r.emit(Op.TRANSPOSE, [split], perm=_HEADS_FIRST)
+
+
 ATTENTION_RULES = [Rewrite("attention", p, condition=_attention_ok, replace=_attention)
-                   for p in _attention_patterns()]
+                   for p in _attention_patterns()] + \
+    [Rewrite("attention with cache", p, condition=_cached_attention_ok, replace=_cached_attention)
+     for p in _cached_attention_patterns()]
 
 
 @register_pass("fuse-attention")

@@ -10,6 +10,7 @@ import torch
 from flagc.errors import ConfigError
 from flagc.ir.graph import WeightSource
 from flagc.ir.interpreter import interpret
+from flagc.ir.symbolic import eval_dim
 from flagc.ir.text import parse_graph, print_graph
 from flagc.passes import PassContext, run_pipeline
 from flagc.passes.manager import PassError, register_pass, PASSES
@@ -31,7 +32,7 @@ def _feeds(graph, seed=1):
     sizes = {"batch": 2, "seq": 5, "past": 3}
     feeds = {}
     for v in graph.inputs:
-        shape = [d if isinstance(d, int) else sizes[str(d)] for d in v.shape]
+        shape = [d if isinstance(d, int) else eval_dim(d, sizes) for d in v.shape]
         feeds[v.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
 
@@ -246,6 +247,58 @@ def test_fuse_attention_from_matmul_chain():
     """)
 
 
+CACHED_ATTENTION_TRACED = """
+graph cached (
+  %qh: f32[batch, 4, seq, 4]
+  %kh: f32[batch, 2, seq, 4]
+  %vh: f32[batch, 2, seq, 4]
+  %past_k: f32[batch, 2, past, 4]
+  %past_v: f32[batch, 2, past, 4]
+  %bias: f32[batch, 1, seq, past+seq]
+) {
+  %0 = concat(%past_k, %kh) {axis=2} : f32[batch, 2, past+seq, 4]
+  %1 = concat(%past_v, %vh) {axis=2} : f32[batch, 2, past+seq, 4]
+  %2 = unsqueeze(%0) {axes=[2]} : f32[batch, 2, 1, past+seq, 4]
+  %3 = expand(%2) {shape=[0, 0, 2, 0, 0]} : f32[batch, 2, 2, past+seq, 4]
+  %4 = reshape(%3) {shape=[0, 4, -1, 4]} : f32[batch, 4, past+seq, 4]
+  %5 = unsqueeze(%1) {axes=[2]} : f32[batch, 2, 1, past+seq, 4]
+  %6 = expand(%5) {shape=[0, 0, 2, 0, 0]} : f32[batch, 2, 2, past+seq, 4]
+  %7 = reshape(%6) {shape=[0, 4, -1, 4]} : f32[batch, 4, past+seq, 4]
+  %8 = transpose(%4) {perm=[0, 1, 3, 2]} : f32[batch, 4, 4, past+seq]
+  %9 = matmul(%qh, %8) : f32[batch, 4, seq, past+seq]
+  %10 = constant() {value=array(f32, [], [0.5])} : f32[]
+  %11 = mul(%9, %10) : f32[batch, 4, seq, past+seq]
+  %12 = add(%11, %bias) : f32[batch, 4, seq, past+seq]
+  %13 = softmax(%12) {axis=-1} : f32[batch, 4, seq, past+seq]
+  %14 = matmul(%13, %7) : f32[batch, 4, seq, 4]
+  %15 = transpose(%14) {perm=[0, 2, 1, 3]} : f32[batch, seq, 4, 4]
+  %16 = reshape(%15) {shape=[0, 0, 16]} : f32[batch, seq, 16]
+  return y=%16, present.0.key=%0, present.0.value=%1
+}
+"""
+
+
+def test_fuse_cached_attention_with_grouped_heads():
+    out, _ = run_and_compare(CACHED_ATTENTION_TRACED, ["fuse-attention", "canonicalize", "dce"])
+    check_golden("cached-attention", out, """
+        graph cached (
+          %qh: f32[batch, 4, seq, 4]
+          %kh: f32[batch, 2, seq, 4]
+          %vh: f32[batch, 2, seq, 4]
+          %past_k: f32[batch, 2, past, 4]
+          %past_v: f32[batch, 2, past, 4]
+          %bias: f32[batch, 1, seq, past+seq]
+        ) weights (
+        ) {
+          %0 = transpose(%qh) {perm=[0, 2, 1, 3]} : f32[batch, seq, 4, 4]
+          %1 = transpose(%kh) {perm=[0, 2, 1, 3]} : f32[batch, seq, 2, 4]
+          %2 = transpose(%vh) {perm=[0, 2, 1, 3]} : f32[batch, seq, 2, 4]
+          %3, %4, %5 = attention(%0, %1, %2, %past_k, %past_v, _, %bias) {kv_heads=2, mask="bidirectional", num_heads=4, scale=0.5} : f32[batch, seq, 16], f32[batch, 2, past+seq, 4], f32[batch, 2, past+seq, 4]
+          return y=%3, present.0.key=%4, present.0.value=%5
+        }
+    """)
+
+
 RESIDUAL = """
 graph res (
   %x: f32[batch, 8]
@@ -407,7 +460,8 @@ def test_dump_ir_writes_one_file_per_pass(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["onnx-fp32", "trt-fp32"])
-@pytest.mark.parametrize("case", ["attention", "residual", "projections", "layer_norm"])
+@pytest.mark.parametrize("case", ["attention", "residual", "projections", "layer_norm",
+                                  "cached_attention"])
 def test_fused_graphs_lower_and_match(case, target, tmp_path):
     """Fused ops run in onnxruntime (contrib kernels and the standard-ONNX forms) as the
     interpreter computes them."""
@@ -417,7 +471,7 @@ def test_fused_graphs_lower_and_match(case, target, tmp_path):
     from flagc.lower.targets import TARGETS
 
     text = {"attention": ATTENTION_TRACED, "residual": RESIDUAL, "projections": PROJECTIONS,
-            "layer_norm": LAYER_NORM_TRACED}[case]
+            "layer_norm": LAYER_NORM_TRACED, "cached_attention": CACHED_ATTENTION_TRACED}[case]
     graph = _with_weights(parse_graph(text))
     run_pipeline(graph, ["canonicalize", "fuse-norms", "fuse-attention", "canonicalize",
                          "fuse-residual-norm", "merge-projections", "dce"])
