@@ -89,7 +89,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
 
     pass_options = quant_pass_options(tgt, pass_options, quant_block,
                                       lambda: _load_tokenizer(source))
-    pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes, pass_options)
+    pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes,
+                                     {"max_seq": max_seq, **(pass_options or {})})
     tokenizer = _load_tokenizer(source)
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx

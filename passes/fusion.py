@@ -348,6 +348,77 @@ def fuse_attention(graph: Graph, ctx: PassContext) -> dict[str, int]:
     return _rewrite(graph, ATTENTION_RULES, ctx)
 
 
+# -- rotary embedding ---------------------------------------------------------------------------
+# Traced rotate-half RoPE on heads-first x [b, h, s, d]: x*cos + cat(-x2, x1)*sin, with cos/sin
+# computed per step from position_ids * inv_freq. The ROTARY op gathers rows of precomputed
+# tables instead (computed in fp32 like the trace, `max_seq` rows).
+
+
+def _is_constant(v: Value) -> bool:
+    return v.kind == "node" and v.producer is not None and v.producer.op is Op.CONSTANT
+
+
+def _rotary_patterns() -> list[Pat]:
+    pos = Pat(Op.UNSQUEEZE, [Pat(Op.CAST, [Var("pos")])], {"axes": [2]})
+    freqs = Pat(Op.MUL, [pos, Var("inv_freq", _is_constant)])
+    angles = Pat(Op.CONCAT, [freqs, freqs], {"axis": lambda a: a in (-1, 2)}, shared=True)
+    cos = Pat(Op.UNSQUEEZE, [Pat(Op.COS, [angles], shared=True)], {"axes": [1]}, shared=True)
+    sin = Pat(Op.UNSQUEEZE, [Pat(Op.SIN, [angles], shared=True)], {"axes": [1]}, shared=True)
+    x = Var("x")
+    upper = Pat(Op.SLICE, [x], {"axis": lambda a: a in (3, -1)}, name="upper")
+    lower = Pat(Op.SLICE, [x], {"axis": lambda a: a in (3, -1)}, name="lower")
+    rotated = Pat(Op.CONCAT, [Pat(Op.NEG, [upper]), lower], {"axis": lambda a: a in (3, -1)})
+    return [Pat(Op.ADD, [Pat(Op.MUL, [x, cos]), Pat(Op.MUL, [rotated, sin])])]
+
+
+def _rotary_ok(m, g) -> Optional[str]:
+    x, pos = m["x"], m["pos"]
+    inv = np.asarray(m["inv_freq"].producer.attrs["value"]).reshape(-1)
+    d = x.shape[3] if x.rank == 4 else None
+    if x.rank != 4 or not isinstance(d, int) or 2 * inv.size != d:
+        return "not a full-width rotation of a [b, h, s, d] tensor"
+    half = d // 2
+    up, lo = m.nodes["upper"].attrs, m.nodes["lower"].attrs
+    if up["start"] != half or up["end"] < d or lo["start"] != 0 or lo["end"] != half:
+        return "the halves are not x[..., d/2:] and x[..., :d/2]"
+    if pos.rank != 2 or pos.dtype.is_float:
+        return "positions are not integer [batch, seq]"
+    if not g.metadata.get("max_seq"):
+        return "no max_seq to size the cos/sin tables"
+    return None
+
+
+def _rope_tables(graph: Graph, inv: np.ndarray, rows: int) -> tuple[Value, Value]:
+    import hashlib
+
+    key = "rope." + hashlib.sha1(inv.astype(np.float32).tobytes()).hexdigest()[:8]
+    if key + ".cos" not in graph.weights:
+        angles = np.arange(rows, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]
+        graph.add_constant_weight(key + ".cos", np.cos(angles).astype(np.float32))
+        graph.add_constant_weight(key + ".sin", np.sin(angles).astype(np.float32))
+    return graph.weights[key + ".cos"], graph.weights[key + ".sin"]
+
+
+def _rotary(m, r):
+    x = m["x"]
+    inv = np.asarray(m["inv_freq"].producer.attrs["value"]).reshape(-1)
+    cos_t, sin_t = _rope_tables(r.graph, inv, int(r.graph.metadata["max_seq"]))
+    x4 = r.emit(Op.TRANSPOSE, [x], perm=_HEADS_FIRST)
+    y = r.emit(Op.ROTARY, [x4, m["pos"], cos_t, sin_t], rotary_dim=int(x.shape[3]))
+    return r.emit(Op.TRANSPOSE, [y], perm=_HEADS_FIRST)
+
+
+ROTARY_RULES = [Rewrite("rotary", p, condition=_rotary_ok, replace=_rotary)
+                for p in _rotary_patterns()]
+
+
+@register_pass("fuse-rotary")
+def fuse_rotary(graph: Graph, ctx: PassContext) -> dict[str, int]:
+    if ctx.options.get("max_seq"):
+        graph.metadata["max_seq"] = int(ctx.options["max_seq"])
+    return _rewrite(graph, ROTARY_RULES, ctx)
+
+
 # -- residual add + norm ------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ __all__ = ["pipeline_for", "optimize", "FUSION_PIPELINE"]
 # of k before attention), and again after fusions that leave reshape/transpose pairs behind.
 FUSION_PIPELINE = [
     "canonicalize", "fold-constants", "cse",
-    "fuse-norms", "fuse-activations", "fuse-linear",
+    "fuse-norms", "fuse-activations", "fuse-linear", "fuse-rotary",
     "canonicalize", "fuse-attention", "canonicalize",
     "fuse-residual-norm", "merge-projections", "cse", "dce",
 ]

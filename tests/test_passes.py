@@ -299,6 +299,64 @@ def test_fuse_cached_attention_with_grouped_heads():
     """)
 
 
+ROTARY_TRACED = """
+graph rope (
+  %x: f32[batch, 2, seq, 4]
+  %position_ids: i64[batch, seq]
+) {
+  %0 = cast(%position_ids) {dtype="f32"} : f32[batch, seq]
+  %1 = unsqueeze(%0) {axes=[2]} : f32[batch, seq, 1]
+  %2 = constant() {value=array(f32, [2], [1.0, 0.01])} : f32[2]
+  %3 = mul(%1, %2) : f32[batch, seq, 2]
+  %4 = concat(%3, %3) {axis=2} : f32[batch, seq, 4]
+  %5 = cos(%4) : f32[batch, seq, 4]
+  %6 = sin(%4) : f32[batch, seq, 4]
+  %7 = unsqueeze(%5) {axes=[1]} : f32[batch, 1, seq, 4]
+  %8 = mul(%x, %7) : f32[batch, 2, seq, 4]
+  %9 = slice(%x) {axis=3, start=2} : f32[batch, 2, seq, 2]
+  %10 = neg(%9) : f32[batch, 2, seq, 2]
+  %11 = slice(%x) {axis=3, end=2, start=0} : f32[batch, 2, seq, 2]
+  %12 = concat(%10, %11) {axis=3} : f32[batch, 2, seq, 4]
+  %13 = unsqueeze(%6) {axes=[1]} : f32[batch, 1, seq, 4]
+  %14 = mul(%12, %13) : f32[batch, 2, seq, 4]
+  %15 = add(%8, %14) : f32[batch, 2, seq, 4]
+  return y=%15
+}
+"""
+
+
+def test_fuse_rotary_into_table_lookups():
+    graph = _with_weights(parse_graph(ROTARY_TRACED))
+    feeds = _feeds(graph)
+    feeds["position_ids"] = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], np.int64)
+    before = interpret(graph, feeds)
+    ctx = PassContext(options={"max_seq": 16})
+    stats = run_pipeline(graph, ["fuse-rotary", "canonicalize", "dce"], ctx)
+    torch.testing.assert_close(interpret(graph, feeds)["y"], before["y"], atol=1e-5, rtol=1e-5)
+    assert stats[0].rewrites == {"rotary": 1}
+    check_golden("rotary", print_graph(graph), """
+        graph rope (
+          %x: f32[batch, 2, seq, 4]
+          %position_ids: i64[batch, seq]
+        ) weights (
+          @rope.a6c629e7.cos: f32[16, 2]
+          @rope.a6c629e7.sin: f32[16, 2]
+        ) {
+          %0 = transpose(%x) {perm=[0, 2, 1, 3]} : f32[batch, seq, 2, 4]
+          %1 = rotary(%0, %position_ids, @rope.a6c629e7.cos, @rope.a6c629e7.sin) {interleaved=false, rotary_dim=4} : f32[batch, seq, 2, 4]
+          %2 = transpose(%1) {perm=[0, 2, 1, 3]} : f32[batch, 2, seq, 4]
+          return y=%2
+        }
+    """)
+
+
+def test_fuse_rotary_needs_max_seq():
+    graph = _with_weights(parse_graph(ROTARY_TRACED))
+    ctx = PassContext()
+    run_pipeline(graph, ["fuse-rotary"], ctx)
+    assert ctx.declined == {"rotary: no max_seq to size the cos/sin tables": 1}
+
+
 RESIDUAL = """
 graph res (
   %x: f32[batch, 8]
