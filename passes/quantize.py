@@ -16,6 +16,9 @@ and its reason goes into `ctx.plan["quantization"]` (the manifest's precision_pl
 - measured (`quant_sensitive=N`): each linear is quantized alone and its output error on a
   calibration input is measured through the reference interpreter; the N worst keep 8 bits
   (int4) or stay float (int8).
+Calibration also sharpens the 4-bit codes: `quant_calibrate` weights each block's scale search
+by the mean squared activation of every input feature, and `quant_gptq` adds GPTQ's error
+feedback through the layer Hessian (passes/quant_sensitivity.py, flagc/ir/quant.py).
 
 Weights are quantized lazily: each new initializer's loader quantizes its float weight when
 lowering writes it, one tensor at a time (a one-entry cache serves codes, scales and zero
