@@ -89,10 +89,13 @@ def test_family_manifest(family_build):
     assert set(t["profiles"][0]) == names
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".onnx") == []
     if family in DECODERS:
-        assert m["kv_cache"]["dtype"] == "float16"
         io = {s["name"]: s["dtype"] for s in m["io"]["inputs"] + m["io"]["outputs"]}
-        kv = [k for k in io if k.startswith(("past_key_values.", "present."))]
-        assert kv and all(io[k] == "f16" for k in kv)  # one type for the whole cache
+        kv = {io[k] for k in io if k.startswith(("past_key_values.", "present."))}
+        # fp16 unless the precision plan kept attention in fp32 (then the cache follows it)
+        kept = [k for k in m["precision_plan"].get("kept_fp32", []) if k["op"] == "attention"]
+        want = "f32" if kept else "f16"
+        assert kv == {want}  # one type for the whole cache: present is bound as the next past
+        assert m["kv_cache"]["dtype"] == {"f16": "float16", "f32": "float32"}[want]
     if family == "t5":
         assert m["encoder"]["engine"] == "encoder.plan" and (out / "encoder.plan").is_file()
         assert t["companions"]["encoder"]["precision"]["compute"] == "fp16"
