@@ -12,9 +12,23 @@ from flagc.ir.ops import Op, opdef
 from flagc.passes.manager import PassContext, register_pass
 from flagc.passes.pattern import Const, Pat, Rewrite, Var, apply_rewrites
 
-__all__ = ["dce", "cse", "fold_constants", "canonicalize", "CANONICAL_RULES"]
+__all__ = ["dce", "cse", "fold_constants", "canonicalize", "CANONICAL_RULES", "redirected",
+           "redirect_outputs"]
 
 FOLD_LIMIT = 1 << 16  # elements: larger results stay computed (they would bloat the model)
+
+
+def redirected(node: Node, redirect: dict[Value, Value]) -> Node:
+    """`node` reading each replaced value's replacement (the same node when none applies)."""
+    if any(v in redirect for v in node.inputs if v is not None):
+        return node.with_inputs(redirect.get(v, v) if v is not None else None
+                                for v in node.inputs)
+    return node
+
+
+def redirect_outputs(graph: Graph, redirect: dict[Value, Value]) -> None:
+    for k, v in graph.outputs.items():
+        graph.outputs[k] = redirect.get(v, v)
 
 
 @register_pass("dce")
@@ -47,9 +61,7 @@ def cse(graph: Graph, ctx: PassContext) -> dict[str, int]:
     redirect: dict[Value, Value] = {}
     kept: list[Node] = []
     for node in graph.nodes:
-        if any(v in redirect for v in node.inputs if v is not None):
-            node = node.with_inputs(redirect.get(v, v) if v is not None else None
-                                    for v in node.inputs)
+        node = redirected(node, redirect)
         key = (node.op, tuple(id(v) for v in node.inputs),
                tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())))
         twin = seen.get(key)
@@ -61,8 +73,7 @@ def cse(graph: Graph, ctx: PassContext) -> dict[str, int]:
             redirect[old] = new
         replaced += 1
     graph.nodes = kept
-    for k, v in graph.outputs.items():
-        graph.outputs[k] = redirect.get(v, v)
+    redirect_outputs(graph, redirect)
     return {"duplicates merged": replaced}
 
 
@@ -77,9 +88,7 @@ def fold_constants(graph: Graph, ctx: PassContext) -> dict[str, int]:
     redirect: dict[Value, Value] = {}
     out: list[Node] = []
     for node in graph.nodes:
-        if any(v in redirect for v in node.inputs if v is not None):
-            node = node.with_inputs(redirect.get(v, v) if v is not None else None
-                                    for v in node.inputs)
+        node = redirected(node, redirect)
         ins = [v for v in node.inputs if v is not None]
         if (node.op is Op.CONSTANT or not ins or len(node.outputs) != 1
                 or not all(v.producer is not None and v.producer.op is Op.CONSTANT for v in ins)
@@ -96,8 +105,7 @@ def fold_constants(graph: Graph, ctx: PassContext) -> dict[str, int]:
         redirect[node.outputs[0]] = const.outputs[0]
         folded += 1
     graph.nodes = out
-    for k, v in graph.outputs.items():
-        graph.outputs[k] = redirect.get(v, v)
+    redirect_outputs(graph, redirect)
     if folded:
         dce(graph, ctx)
     return {"nodes folded": folded}

@@ -19,7 +19,7 @@ import numpy as np
 from flagc.ir.graph import Graph, Node, Value, WeightSource
 from flagc.ir.ops import Op
 from flagc.ir.types import TensorType
-from flagc.passes.cleanup import dce
+from flagc.passes.cleanup import dce, redirect_outputs, redirected
 from flagc.passes.manager import PassContext, register_pass
 from flagc.passes.pattern import Const, Pat, Rewrite, Var, apply_rewrites
 
@@ -521,13 +521,9 @@ def merge_projections(graph: Graph, ctx: PassContext) -> dict[str, int]:
     for n in graph.nodes:
         nodes.extend(replace.get(id(n), []))
         if id(n) not in drop:
-            if any(v in redirect for v in n.inputs if v is not None):
-                n = n.with_inputs(redirect.get(v, v) if v is not None else None
-                                  for v in n.inputs)
-            nodes.append(n)
+            nodes.append(redirected(n, redirect))
     graph.nodes = nodes
-    for k, v in graph.outputs.items():
-        graph.outputs[k] = redirect.get(v, v)
+    redirect_outputs(graph, redirect)
     dce(graph, ctx)
     return {"groups merged": merged}
 

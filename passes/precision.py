@@ -23,7 +23,7 @@ from flagc.errors import ConfigError
 from flagc.ir.builder import make_node
 from flagc.ir.graph import Graph, Node, Value, WeightSource
 from flagc.ir.ops import Op
-from flagc.ir.types import DType, TensorType
+from flagc.ir.types import DType
 from flagc.passes.cleanup import dce, fold_constants
 from flagc.passes.manager import PassContext, register_pass
 
