@@ -252,13 +252,13 @@ def plan_build(graph: Graph, target, output: str, *, model: str, source: str,
 
     `memory` / `disk` override the measured available memory / free disk (tests); -1 measures.
     """
-    from flagc.lower.onnx_model import EXTERNAL_DATA_THRESHOLD
+    from flagc.lower.onnx_model import EMBED_WEIGHTS_LIMIT
 
     precision = target.precision
     total, _ = weight_bytes(graph, precision)
     tensor, layer = _largest(graph)
     proto = len(graph.nodes) * _NODE_PROTO_BYTES + 4096
-    external = total > EXTERNAL_DATA_THRESHOLD
+    external = total > EMBED_WEIGHTS_LIMIT
     engine = target.engine_file
     if external:
         files = [PlannedFile(engine, proto), PlannedFile(engine + ".data", total)]
@@ -274,7 +274,7 @@ def plan_build(graph: Graph, target, output: str, *, model: str, source: str,
     notes = []
     if not external:
         notes.append(f"weights ({format_bytes(total)}) are embedded in {engine}: below the "
-                     f"external-data threshold of {format_bytes(EXTERNAL_DATA_THRESHOLD)}")
+                     f"external-data threshold of {format_bytes(EMBED_WEIGHTS_LIMIT)}")
     if os.path.exists(output):
         notes.append(f"{output} exists: it is replaced only after the new artifact is complete, "
                      "so both are on disk for a moment")

@@ -93,8 +93,8 @@ def _wait_for_lowering(parent, child, timeout=300.0) -> str:
 
 
 def test_killed_build_leaves_nothing_and_next_build_succeeds(tmp_path):
-    # The mid-sized model: smaller ones embed their weights in model.onnx (no data file to watch).
-    cfg = _config(tmp_path, MID_LLAMA)
+    # ~0.24 B parameters: long enough to be caught half-way, quick to rebuild.
+    cfg = _config(tmp_path, dict(MID_LLAMA, num_hidden_layers=8))
     out = tmp_path / "out"
 
     child = _child(cfg, str(out))

@@ -1,7 +1,8 @@
 """IR graph -> ONNX model file. Weights stream to the file one tensor at a time.
 
-Models whose weights exceed `EXTERNAL_DATA_THRESHOLD` bytes keep them in `model.onnx.data`
-(protobuf caps a file at 2 GB); smaller ones embed them so the model is one file.
+Models whose weights exceed `EMBED_WEIGHTS_LIMIT` bytes keep them in `model.onnx.data`, written
+tensor by tensor (protobuf caps a file at 2 GB, and embedding holds every weight in memory);
+smaller ones embed them so the model is one file.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from flagc.lower.onnx_stream import external_tensor
 from flagc.lower.targets import Target
 from flagc.progress import progress
 
-__all__ = ["lower_to_onnx", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["lower_to_onnx", "EXTERNAL_DATA_THRESHOLD", "EMBED_WEIGHTS_LIMIT"]
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GB cap on one message, with headroom
+# What lower_to_onnx embeds: embedded weights sit whole in the ModelProto, again in its
+# serialization and again in onnx.checker's copy (a 1.25 GB int4 model peaked at 6.8 GiB RSS),
+# while external data streams one tensor at a time. Small models stay one self-contained file.
+EMBED_WEIGHTS_LIMIT = 256 * 2**20
 
 
 def _value_info(name: str, v: Value) -> onnx.ValueInfoProto:
@@ -73,7 +78,7 @@ def emit_graph(graph: Graph, target: Target) -> tuple[OnnxEmitter, LowerContext]
 
 
 def lower_to_onnx(graph: Graph, target: Target, path: str, *,
-                  external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                  external_threshold: int = EMBED_WEIGHTS_LIMIT,
                   on_weight: Callable[[str], None] | None = None) -> list[str]:
     """Write `path` (and `path + '.data'` for big models); returns the file names written."""
     em, ctx = emit_graph(graph, target)
