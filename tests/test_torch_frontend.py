@@ -383,3 +383,21 @@ def test_cli_build_hub_name_from_model_dir(tmp_path):
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["zoo"]["family"] == "glm" and manifest["kv_cache"]["layers"] == 2
+
+
+class _Transposer(torch.nn.Module):
+    def forward(self, x):
+        return (x.transpose(1, 2) * 2.0,)
+
+
+def test_converter_shape_bug_is_caught_at_its_node(monkeypatch):
+    """Every converted value is checked against torch's traced (symbolic) shape."""
+    from flagc.frontends import aten_table
+
+    spec = [InputSpec("x", DType.F32, ("batch", "seq", 4))]
+    graph = capture(_Transposer(), spec, ["y"])
+    assert graph.outputs["y"].type.shape[1:] == (4,) + graph.inputs[0].type.shape[1:2]
+    monkeypatch.setitem(aten_table.ATEN_TABLE, torch.ops.aten.transpose,
+                        lambda cx, x, a, b: x)  # a broken converter
+    with pytest.raises(IRError, match=r"aten.transpose.int at .*torch traced dim 1 as 4"):
+        capture(_Transposer(), spec, ["y"])

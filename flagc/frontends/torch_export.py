@@ -191,6 +191,9 @@ class Converter:
         self.env: dict[Any, Any] = {}
         self.node = None  # the FX node being converted (for provenance and errors)
         self.strip_prefix = ""
+        from flagc.frontends.shape_check import ShapeCheck
+
+        self.shapes = ShapeCheck()
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self) -> Graph:
@@ -224,7 +227,16 @@ class Converter:
             except IRError as exc:
                 raise IRError(f"converting {_op_name(node.target)} at {source_line(node)}: "
                               f"{exc}") from exc
+            self._check_shape(node)
         return self.graph
+
+    def _check_shape(self, node) -> None:
+        result = self.env[node]
+        if isinstance(result, Value):
+            problem = self.shapes.problem(result.type, node.meta.get("val"))
+            if problem:
+                raise IRError(f"converting {_op_name(node.target)} at {source_line(node)}: "
+                              f"{problem} (a converter bug in flagc/frontends/aten_table.py)")
 
     def _map(self, x):
         if isinstance(x, torch.fx.Node):
@@ -265,6 +277,7 @@ class Converter:
             if spec.kind == InputKind.USER_INPUT:
                 s = next(user)
                 self.env[node] = self.graph.add_input(s.name, s.ir_type())
+                self.shapes.bind(node.meta["val"], s.ir_type())
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
                 self.env[node] = self._weight(spec.target, node.meta["val"])
             elif spec.kind == InputKind.CONSTANT_TENSOR:
