@@ -267,8 +267,8 @@ def plan_build(graph: Graph, target, output: str, *, model: str, source: str,
     files.append(PlannedFile("manifest.json", 16 * 1024 + 64 * len(graph.nodes) // 100))
     if tokenizer_bytes:
         files.append(PlannedFile("tokenizer files", tokenizer_bytes))
-    # Embedded weights sit in the ModelProto and again in its serialization.
-    held = 0 if external else 2 * total
+    # Embedded weights sit in the ModelProto, its serialization and onnx.checker's copy.
+    held = 0 if external else 3 * total
     peak = int(BASE_OVERHEAD + proto * 3 + STREAM_COPIES.get(precision, 3.0) * tensor[1] + held)
     disk_need = sum(f.bytes for f in files)
     notes = []
