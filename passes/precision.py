@@ -32,6 +32,9 @@ __all__ = ["plan_precision", "calibrate", "FP16_SAFE_LIMIT", "CALIBRATION_PARAM_
 FP16_SAFE_LIMIT = 8192.0  # 1/8 of fp16's max: headroom for the values calibration did not see
 CALIBRATION_PARAM_LIMIT = 2_000_000_000  # bigger models are planned by rule only
 ALWAYS_FP32 = frozenset({Op.POW, Op.EXP, Op.LOG, Op.REDUCE_SUM})
+MASK_SENTINEL = 1e30  # no activation gets near this: such values are masks (fp32 min / max)
+SHAPE_ONLY = frozenset({Op.DIM})  # read a value's shape, not its elements
+CACHE_OUTPUTS = ("present.", "cross.")
 LOW = {"fp16": DType.F16, "bf16": DType.BF16}
 
 
@@ -44,6 +47,13 @@ def calibrate(graph: Graph, feeds: Optional[dict] = None) -> dict[Value, float]:
                            random_feeds(graph, seed=1234, batch=1, seq=16, past=0))
     return {v: float(t.float().abs().max()) if t.numel() else 0.0
             for v, t in env.items() if t.is_floating_point()}
+
+
+def _magnitude(ranges: dict[Value, float], v: Value) -> float:
+    """A value's calibrated magnitude; additive-mask sentinels (fp32's "minus infinity", any
+    magnitude beyond MASK_SENTINEL) do not count: they saturate to fp16's range and still mask."""
+    peak = ranges.get(v, 0.0)
+    return 0.0 if peak >= MASK_SENTINEL else peak
 
 
 def _constant_branches(node: Node) -> bool:
@@ -72,7 +82,7 @@ def _decide(graph: Graph, low: DType, ranges: Optional[dict[Value, float]], limi
         elif n.op is Op.WHERE and _constant_branches(n):
             reason = None  # a mask: its constants saturate to fp16's range (see as_dtype)
         elif ranges is not None and low is DType.F16:
-            peak = max((ranges.get(v, 0.0) for v in list(n.outputs) +
+            peak = max((_magnitude(ranges, v) for v in list(n.outputs) +
                         [x for x in n.inputs if x is not None and x.dtype.is_float]),
                        default=0.0)
             if peak > limit:
@@ -108,9 +118,8 @@ def _rewrite(graph: Graph, choice: dict[int, DType], low: DType) -> dict[str, in
 
     # Weights and float inputs read only by reduced-precision nodes are stored in it.
     def only_low(v: Value) -> bool:
-        us = users.get(v, [])
-        return bool(us) and all(choice.get(id(u)) is low or
-                                (u.op is Op.CAST and choice.get(id(u)) is low) for u in us)
+        us = [u for u in users.get(v, []) if u.op not in SHAPE_ONLY]  # dtype-blind readers
+        return bool(us) and all(choice.get(id(u)) is low for u in us)
 
     for name, w in list(graph.weights.items()):
         if w.dtype is DType.F32 and only_low(w):
@@ -170,11 +179,12 @@ def _rewrite(graph: Graph, choice: dict[int, DType], low: DType) -> dict[str, in
         for old, nv in zip(n.outputs, rebuilt.outputs):
             new_value[old] = nv
     graph.nodes = nodes
-    # Graph outputs keep their declared type (logits stay fp32 for sampling) except KV presents,
-    # which take the cache's type.
+    # Graph outputs keep their declared type (logits stay fp32 for sampling) except caches
+    # (self-attention presents, an encoder's cross-attention keys/values), which take the type of
+    # the engine that reads them back.
     for k, v in list(graph.outputs.items()):
         nv = new_value.get(v, v)
-        if k.startswith("present.") or nv.dtype is v.dtype or not v.dtype.is_float:
+        if k.startswith(CACHE_OUTPUTS) or nv.dtype is v.dtype or not v.dtype.is_float:
             graph.outputs[k] = nv
         else:
             graph.outputs[k] = as_dtype(nv, v.dtype, None)
