@@ -119,3 +119,18 @@ def test_unknown_precision_is_refused():
 
     with pytest.raises(ConfigError, match="precision 'fp8'"):
         plan_precision(parse_graph(SMALL), PassContext(), "fp8")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "glm"])
+def test_traced_decoders_keep_the_whole_cache_in_fp16(family, tmp_path):
+    """A past input first read by a shape op, and GLM's additive mask (fp32 min), must not pin
+    the cache or the attention to fp32."""
+    from test_trt_families import TASKS, _save
+
+    src = _save(family, tmp_path / "src")
+    built = flagc.build(str(src), "onnx-fp16", str(tmp_path / "a"), task=TASKS[family])
+    io = built["io"]
+    caches = [x["dtype"] for x in io["inputs"] + io["outputs"]
+              if x["name"].startswith(("past_key_values.", "present."))]
+    assert caches and set(caches) == {"f16"}
+    assert not [k for k in built["precision_plan"]["kept_fp32"] if k["op"] == "attention"]
