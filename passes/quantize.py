@@ -116,8 +116,11 @@ class _LazyQuantized:
 def _scheme_for(opts: QuantOptions, bits: int) -> QuantScheme:
     if opts.precision == "int8":
         return QuantScheme(8, 0, True)  # per-channel symmetric
-    # 8-bit blocks under int4 are symmetric: 255 levels leave nothing for a zero point to win.
-    return QuantScheme(bits, opts.block, opts.symmetric or bits == 8)
+    if bits == 8:
+        # Symmetric (255 levels leave nothing for a zero point to win), blocks of at least 32:
+        # then an absmax int8 table in blocks of 32 (GGUF Q8_0) comes back exactly.
+        return QuantScheme(8, max(opts.block, 32), True)
+    return QuantScheme(bits, opts.block, opts.symmetric)
 
 
 def quantize_linear(graph: Graph, node: Node, scheme: QuantScheme, act_quant: str,
