@@ -124,6 +124,31 @@ def _mha_supported(node: Node, ins) -> bool:
             and (bias is None or (bias.rank == 4 and bias.shape[1] == 1)))
 
 
+def _packed_projection(ctx, node: Node):
+    """(x, weight [in, 3*hidden], bias) when q/k/v are reshaped thirds of one biased linear
+    (the merged q/k/v projection) that nothing else reads; else None."""
+    from flagc.ir.ops import Op
+
+    parts = []
+    for i in range(3):
+        r = node.inputs[i].producer
+        if r is None or r.op is not Op.RESHAPE or r.inputs[0].producer is None:
+            return None
+        parts.append(r.inputs[0])
+    split = parts[0].producer
+    if split.op is not Op.SPLIT or [p.producer for p in parts] != [split] * 3 or \
+            list(split.outputs) != parts or len(set(split.attrs["sizes"])) != 1:
+        return None
+    lin = split.inputs[0].producer
+    if lin is None or lin.op is not Op.LINEAR or len(lin.inputs) < 3 or lin.inputs[2] is None \
+            or lin.inputs[1].kind != "weight" or lin.inputs[2].kind != "weight":
+        return None
+    if node.inputs[0].dtype is not DType.F32:  # the CPU kernel is fp32 only
+        return None
+    return (ctx.name(lin.inputs[0]), ctx.transposed_weight(lin.inputs[1]),
+            ctx.name(lin.inputs[2]))
+
+
 def mha_attention(ctx, node, ins, outs) -> bool:
     """Encoder self-attention (no cache, all heads distinct) on MultiHeadAttention; a padding
     bias shared by the heads is passed as attention_bias."""
@@ -141,8 +166,16 @@ def mha_attention(ctx, node, ins, outs) -> bool:
                           value=_tensor(np.array([0.0], node.inputs[6].dtype.numpy)))
             em.cache[key] = em.op("Add", [bias, zeros])
         bias = em.cache[key]
-    em.op("MultiHeadAttention", [q3, k3, v3, None, None, bias], [outs[0]], domain=MS,
-          num_heads=int(a["num_heads"]), scale=float(a["scale"]))
+    packed = _packed_projection(ctx, node)
+    if packed is not None:
+        # q, k, v are the thirds of one linear: the Attention kernel runs that GEMM itself and
+        # writes heads-first directly (no split, no q/k/v transposes); the linear goes unread.
+        x, weight_t, qkv_bias = packed
+        em.op("Attention", [x, weight_t, qkv_bias, None, None, bias], [outs[0]], domain=MS,
+              num_heads=int(a["num_heads"]), scale=float(a["scale"]))
+    else:
+        em.op("MultiHeadAttention", [q3, k3, v3, None, None, bias], [outs[0]], domain=MS,
+              num_heads=int(a["num_heads"]), scale=float(a["scale"]))
     # The presents of an encoder attention are its keys/values, heads first (rarely read).
     for i in (1, 2):
         if ctx.is_used(node.outputs[i]):
