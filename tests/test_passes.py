@@ -544,3 +544,42 @@ def test_fused_graphs_lower_and_match(case, target, tmp_path):
     got = dict(zip(graph.outputs, sess.run(list(graph.outputs), feeds)))
     for k in graph.outputs:
         np.testing.assert_allclose(got[k], ref[k].numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+PACKED_QKV = """
+graph packed (
+  %x: f32[batch, seq, 8]
+  %bias: f32[batch, 1, 1, seq]
+) weights (
+  @wqkv: f32[24, 8]
+  @bqkv: f32[24]
+) {
+  %0 = linear(%x, @wqkv, @bqkv) : f32[batch, seq, 24]
+  %1, %2, %3 = split(%0) {axis=-1, sizes=[8, 8, 8]} : f32[batch, seq, 8], f32[batch, seq, 8], f32[batch, seq, 8]
+  %4 = reshape(%1) {shape=[0, 0, 2, 4]} : f32[batch, seq, 2, 4]
+  %5 = reshape(%2) {shape=[0, 0, 2, 4]} : f32[batch, seq, 2, 4]
+  %6 = reshape(%3) {shape=[0, 0, 2, 4]} : f32[batch, seq, 2, 4]
+  %7, %8, %9 = attention(%4, %5, %6, _, _, _, %bias) {kv_heads=2, mask="bidirectional", num_heads=2, scale=0.5} : f32[batch, seq, 8], f32[batch, 2, seq, 4], f32[batch, 2, seq, 4]
+  return y=%7
+}
+"""
+
+
+def test_merged_projection_attention_runs_on_the_attention_kernel(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from flagc.lower.onnx_model import lower_to_onnx
+    from flagc.lower.targets import TARGETS
+
+    graph = _with_weights(parse_graph(PACKED_QKV))
+    feeds = _feeds(graph)
+    feeds["bias"] = np.where(np.arange(5) < 4, 0.0, -1e9).astype(np.float32)[
+        None, None, None, :].repeat(2, axis=0)
+    ref = interpret(graph, feeds)["y"].numpy()
+    path = str(tmp_path / "m.onnx")
+    lower_to_onnx(graph, TARGETS["onnx-fp32"], path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Attention" in ops and "Split" not in ops and "MatMul" not in ops
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
