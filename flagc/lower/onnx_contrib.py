@@ -155,18 +155,19 @@ def mha_attention(ctx, node, ins, outs) -> bool:
     if not _mha_supported(node, ins):
         return False
     em, a = ctx.em, node.attrs
+    packed = _packed_projection(ctx, node)
     q3, k3, v3 = (ctx.heads_flat(node.inputs[i], ins[i]) for i in range(3))
     bias = ins[6]
     if bias is not None and node.inputs[6].shape[2] == 1:
         key = ("mha-bias", bias)
         if key not in em.cache:  # the kernel wants [b|1, 1, s, T]: spell out the query axis
-            seq = em.op("Slice", [em.op("Shape", [q3]), em.i64(1), em.i64(2), em.i64(0)])
+            rows = packed[0] if packed is not None else q3  # (not the split: it may go unread)
+            seq = em.op("Slice", [em.op("Shape", [rows]), em.i64(1), em.i64(2), em.i64(0)])
             zeros = em.op("ConstantOfShape", [em.op("Concat", [em.i64(1, 1), seq, em.i64(1)],
                                                     axis=0)],
                           value=_tensor(np.array([0.0], node.inputs[6].dtype.numpy)))
             em.cache[key] = em.op("Add", [bias, zeros])
         bias = em.cache[key]
-    packed = _packed_projection(ctx, node)
     if packed is not None:
         # q, k, v are the thirds of one linear: the Attention kernel runs that GEMM itself and
         # writes heads-first directly (no split, no q/k/v transposes); the linear goes unread.
