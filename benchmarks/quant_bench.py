@@ -38,30 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-PROMPT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, "
-    "a goldsmith from Mainz, combined movable metal type, an oil-based ink and a wooden screw "
-    "press into a practical system for producing books. Within a few decades printing shops had "
-    "spread across Europe."
-)
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome and the actors were brilliant in every scene.",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "Offline embeddings work well for semantic search over short documents.",
-    "Transformers process every token of a sequence in parallel with self-attention.",
-    "The weather forecast predicts heavy rain in the northern mountains this weekend.",
-    "She bought three apples, two oranges and a loaf of bread at the market.",
-    "Memory bandwidth often limits the speed of token generation on a CPU.",
-    "The committee postponed its decision until the final report is published.",
-    "Children were playing football in the park while their parents watched.",
-    "A compiler lowers a high-level program into efficient machine instructions.",
-    "The museum opened a new exhibition about the history of printing.",
-    "He forgot his umbrella at the station and walked home in the rain.",
-    "Quantisation stores weights in fewer bits to save memory and time.",
-    "The train to the airport leaves every fifteen minutes from platform four.",
-]
+from flagc.bench.workloads import DECODER_PROMPT as PROMPT  # noqa: E402  (the suites' own text)
+from flagc.bench.workloads import ENCODER_SENTENCES  # noqa: E402
+
+SENTENCES = ENCODER_SENTENCES[:16]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

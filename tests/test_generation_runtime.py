@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import flagc
 from flagc.cli import app
-from flagc.errors import ConfigError, RuntimeInputError, SamplingError
+from flagc.errors import RuntimeInputError, SamplingError
 
 PROMPT = [5, 17, 99, 3, 42, 7]
 
@@ -122,7 +122,7 @@ def test_decode_runs_once_per_token_with_the_cache(built):
 
 
 def test_gpt2_greedy_and_beam_equal_transformers(tmp_path):
-    """Waits for the torch.export frontend (issue 3): runs once flagc.build takes GPT-2."""
+    """GPT-2 builds through the torch.export frontend."""
     import transformers
 
     torch.manual_seed(0)
@@ -130,10 +130,7 @@ def test_gpt2_greedy_and_beam_equal_transformers(tmp_path):
                                   n_head=4, bos_token_id=0, eos_token_id=1)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(str(tmp_path / "gpt2"))
-    try:
-        flagc.build(str(tmp_path / "gpt2"), "onnx-fp32", str(tmp_path / "art"))
-    except ConfigError as exc:
-        pytest.skip(f"flagc.build does not take GPT-2 folders yet: {exc}")
+    flagc.build(str(tmp_path / "gpt2"), "onnx-fp32", str(tmp_path / "art"))
     model = flagc.load(str(tmp_path / "art"))
     for num_beams in (1, 4):
         with torch.no_grad():
