@@ -55,13 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--engines", default="flagc,eager,compile")
+    ap.add_argument("--engines", default="flagc,flagc-dynamic,eager,compile",
+                    help="flagc (static decode graphs: CUDA graphs on cuda), flagc-dynamic, "
+                         "eager, compile")
     ap.add_argument("--work", default=None, help="folder for the model and artifact "
                     "(reused when present; default out/gpu-llama[-tiny])")
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth in GB/s (default: datasheet value for the GPU, "
                          "measured copy bandwidth on the CPU)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also break flagc's decode step down: graph replay alone, one "
+                         "decoder step (input copies, KV bookkeeping, logits copy), generate")
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.target = args.target or ("onnx-fp32" if args.tiny else "onnx-fp16")
@@ -87,19 +92,23 @@ def save_model(folder: str, config: dict) -> None:
     model.half().save_pretrained(folder)
 
 
-def build_flagc(model_dir: str, target: str, out: str, max_seq: int, max_batch: int) -> float:
-    """Build once (reused when the artifact has the same target and limits); returns seconds."""
+def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: list[int]) -> float:
+    """Build once (reused when the artifact has the same target, limits and decode graphs);
+    returns seconds. Every measured batch size gets a static decode graph (CUDA graph)."""
     import flagc
 
     manifest = os.path.join(out, "manifest.json")
     if os.path.isfile(manifest):
         with open(manifest) as f:
             m = json.load(f)
-        if (m["target"]["name"] == target and m["dims"]["max_seq"] >= max_seq
-                and m["dims"]["max_batch"] >= max_batch):
+        graphs = (m.get("static_decode") or {}).get("graphs", {})
+        if (m["target"]["name"] == target and m["dims"]["max_seq"] == max_seq
+                and m["dims"]["max_batch"] >= max(batches)
+                and all(str(b) in graphs for b in batches)):
             return 0.0
     t = time.perf_counter()
-    flagc.build(model_dir, target, out, max_seq=max_seq, max_batch=max_batch)
+    flagc.build(model_dir, target, out, max_seq=max_seq, max_batch=max(batches),
+                decode_graphs=batches)
     return time.perf_counter() - t
 
 
@@ -186,6 +195,29 @@ def decode_rate(run: Callable, prompts, n: int, reps: int,
     return statistics.median(rates), tokens
 
 
+def step_profile(loaded, prompts, rate: float, steps: int = 100) -> dict[str, float]:
+    """Milliseconds per decode step at three levels (see --profile)."""
+    import numpy as np
+
+    dec = loaded.decoder
+    steps = min(steps, loaded.manifest["dims"]["max_seq"] - len(prompts[0]) - 1)
+    tok = np.asarray(dec.prefill(prompts, 0, len(prompts[0]) + steps + 1)).argmax(-1)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = np.asarray(dec.append(tok)).argmax(-1)
+    step_ms = (time.perf_counter() - t) / steps * 1e3
+    out = {"generate": 1e3 / rate, "decoder_step": step_ms}
+    static = dec._static.get(len(prompts))
+    if static is not None:  # replay the captured step as it stands, nothing else
+        binding = static._binding(dec.cache._cur)
+        opts = static._options[dec.cache._cur]
+        t = time.perf_counter()
+        for _ in range(steps):
+            static.engine.session.run_with_iobinding(binding.io, opts)
+        out["graph_replay"] = (time.perf_counter() - t) / steps * 1e3
+    return out
+
+
 def agreement(ours: list[list[int]], ref: list[list[int]], k: int = AGREE) -> int:
     """The smallest number of leading tokens (up to k) on which every row agrees."""
     worst = k
@@ -210,7 +242,7 @@ def main(argv=None) -> dict:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on an H100/H200, or pass --tiny for the CPU smoke check")
-    if args.device.startswith("cuda") and "flagc" in args.engines:
+    if args.device.startswith("cuda") and any(e.startswith("flagc") for e in args.engines):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():  # fail before building
@@ -222,8 +254,8 @@ def main(argv=None) -> dict:
     art = os.path.join(args.work, args.target)
     save_model(model_dir, config)
     max_seq = args.prompt_len + args.new_tokens
-    build_s = build_flagc(model_dir, args.target, art, max_seq, max(args.batches)) \
-        if "flagc" in args.engines else 0.0
+    build_s = build_flagc(model_dir, args.target, art, max_seq, args.batches) \
+        if any(e.startswith("flagc") for e in args.engines) else 0.0
 
     hf_dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=hf_dtype)
@@ -240,13 +272,19 @@ def main(argv=None) -> dict:
                for b in args.batches}
     rates: dict[str, dict[int, float]] = {}
     tokens: dict[str, dict[int, list]] = {}
+    profile: dict[str, dict[int, dict]] = {}
 
-    if "flagc" in args.engines:
-        loaded = flagc.load(art, device=args.device)
+    for engine in ("flagc", "flagc-dynamic"):
+        if engine not in args.engines:
+            continue
+        loaded = flagc.load(art, device=args.device, static_decode=engine == "flagc")
         run = flagc_runner(loaded)
         for b in args.batches:
-            rates.setdefault("flagc", {})[b], tokens.setdefault("flagc", {})[b] = \
+            rates.setdefault(engine, {})[b], tokens.setdefault(engine, {})[b] = \
                 decode_rate(run, prompts[b], args.new_tokens, args.reps)
+            if args.profile:
+                profile.setdefault(engine, {})[b] = step_profile(loaded, prompts[b],
+                                                                 rates[engine][b])
         del loaded
     for b in args.batches:  # the fp16 reference tokens, also when eager is not timed
         ref = hf_runner(hf, args.device)
@@ -269,8 +307,10 @@ def main(argv=None) -> dict:
         "bandwidth_bound_tok_s": bound, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "reps": args.reps, "flagc_build_s": round(build_s, 1),
         "decode_tok_s": {k: {str(b): v for b, v in d.items()} for k, d in rates.items()},
-        "agreement_first_32": ({str(b): agreement(tokens["flagc"][b], tokens["eager"][b])
-                                for b in args.batches} if "flagc" in tokens else {}),
+        "profile_ms": {k: {str(b): v for b, v in d.items()} for k, d in profile.items()},
+        "agreement_first_32": {e: {str(b): agreement(tokens[e][b], tokens["eager"][b])
+                                   for b in args.batches}
+                               for e in ("flagc", "flagc-dynamic") if e in tokens},
     }
     print(markdown(result, args.batches))
     if args.json:
@@ -279,7 +319,9 @@ def main(argv=None) -> dict:
     return result
 
 
-NAMES = {"flagc": "flagc ({target}, onnxruntime {ep})", "eager": "transformers eager",
+NAMES = {"flagc": "flagc ({target}, onnxruntime {ep}, static decode graph{graphs})",
+         "flagc-dynamic": "flagc ({target}, onnxruntime {ep}, dynamic graph)",
+         "eager": "transformers eager",
          "compile": "transformers static cache + torch.compile"}
 
 
@@ -301,17 +343,22 @@ def markdown(r: dict, batches: list[int]) -> str:
         "|---|" + "---|" * (2 * len(batches) + 1),
     ]
     for key, d in rates.items():
-        name = NAMES[key].format(target=r["target"], ep=ep)
+        name = NAMES[key].format(target=r["target"], ep=ep,
+                                 graphs=" as CUDA graph" if ep == "CUDA EP" else "")
         cells = [f"{d[str(b)]:.1f}" for b in batches]
         pct = f"{100 * d[str(batches[0])] / r['bandwidth_bound_tok_s']:.1f}%" \
             if batches[0] == 1 else "—"
         ratios = [f"{d[str(b)] / hf_best[b]:.2f}×" if hf_best[b] else "—" for b in batches]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pct} | " + " | ".join(ratios)
                      + " |")
-    if r["agreement_first_32"]:
-        agree = ", ".join(f"batch {b}: {n}/{AGREE}" for b, n in r["agreement_first_32"].items())
-        lines += ["", f"greedy tokens equal to {r['reference']} (leading tokens, worst row): "
-                      f"{agree}"]
+    for engine, counts in r["agreement_first_32"].items():
+        agree = ", ".join(f"batch {b}: {n}/{AGREE}" for b, n in counts.items())
+        lines += ["", f"{engine}: greedy tokens equal to {r['reference']} (leading tokens, "
+                      f"worst row): {agree}"]
+    for engine, per_batch in r.get("profile_ms", {}).items():
+        for b, p in per_batch.items():
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in p.items())
+            lines.append(f"profile {engine} batch {b} (ms per step): {parts}")
     if r["flagc_build_s"]:
         lines.append(f"flagc build ({r['target']}): {r['flagc_build_s']:.1f} s")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           check_resources: bool = True, model_dir: Optional[str] = None,
           frontend: str = "auto", pass_options: Optional[dict[str, Any]] = None,
           quant_block: Optional[int] = None, report: bool = False,
+          decode_graphs: Optional[list[int]] = None,
           ) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
@@ -70,11 +71,15 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         quant_block: onnx-int4 block size along K (16, 32, 64, 128 or 256; default 32).
         report: write report.json / report.md (flagc/quant_report.py): logits cosine, top-1
             agreement and perplexity delta vs the float weights, overall and per quantized layer.
+        decode_graphs: batch sizes that also get a static-shape decode graph
+            (flagc/lower/onnx_static.py), which the CUDA runtime replays as a CUDA graph; the
+            KV cache then lives in max_seq-long buffers shared by past and present.
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    decode_graphs = _checked_decode_graphs(decode_graphs, tgt, max_batch)
     source, graph, config, graph_source = _frontend(model, custom, random_weights, seed, task,
                                                     model_dir, frontend)
     positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
@@ -92,6 +97,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
     pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes,
                                      {"max_seq": max_seq, **(pass_options or {})})
     tokenizer = _load_tokenizer(source)
+    static: dict[str, str] = {}
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx
 
@@ -108,6 +114,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                 files += more
         else:
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
+            static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
+                                          decode_graphs, max_seq)
+            files += list(static.values())
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
                 _optimize(extra, tgt, None, check, passes, pass_options)
                 files += lower_to_onnx(extra, tgt, os.path.join(tmp, f"{role}.onnx"))
@@ -125,9 +134,41 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         manifest.update(_zoo_manifest(graph))
         if tgt.backend == "tensorrt":
             update_manifest(manifest, trt_info)
+        elif static:
+            manifest["kv_cache"]["shared_buffer"] = True
+            manifest["static_decode"] = {"graphs": static, "length_input": "cache_length"}
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)
+
+
+def _checked_decode_graphs(batches: Optional[list[int]], tgt, max_batch: int) -> list[int]:
+    """Validate --decode-graphs before any weight is read."""
+    if not batches:
+        return []
+    if tgt.backend != "onnxruntime" or not tgt.contrib_ops:
+        raise ConfigError(f"--decode-graphs needs an onnxruntime target with fused kernels "
+                          f"(onnx-fp32 / onnx-fp16 / onnx-bf16 ...), not {tgt.name}")
+    bad = [b for b in batches if not 1 <= int(b) <= max_batch]
+    if bad:
+        raise ConfigError(f"--decode-graphs batch {bad[0]} must be between 1 and --max-batch "
+                          f"{max_batch}")
+    return sorted({int(b) for b in batches})
+
+
+def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
+                         max_seq: int) -> dict[str, str]:
+    """{batch: file} of the static decode graphs written beside the engine."""
+    if not batches:
+        return {}
+    if _kv_layout(graph) is None:
+        raise ConfigError("--decode-graphs needs a decoder with a KV cache; "
+                          f"{graph.name} has none")
+    from flagc.lower.onnx_static import write_static_decode
+
+    with phase(f"static decode graphs (batch {', '.join(map(str, batches))})"):
+        return {str(b): write_static_decode(engine_path, b, max_seq, label=graph.name)
+                for b in batches}
 
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
@@ -197,11 +238,15 @@ def _plan(source: ModelSource, graph: Graph, graph_source: str, tgt, output: str
                       graph_source=graph_source, passes=passes)
 
 
-def load(path: str, device: str = "cpu", threads: Optional[int] = None):
-    """Load an artifact folder (or the engine file inside it) for inference."""
+def load(path: str, device: str = "cpu", threads: Optional[int] = None,
+         static_decode: bool = True):
+    """Load an artifact folder (or the engine file inside it) for inference.
+
+    static_decode: take one-token steps through the artifact's static decode graphs (CUDA
+    graphs on cuda) when it has them; False runs every step through the dynamic graph."""
     from flagc.runtimes.model import load_artifact
 
-    return load_artifact(path, device=device, threads=threads)
+    return load_artifact(path, device=device, threads=threads, static_decode=static_decode)
 
 
 def _optimize(graph: Graph, target, dump_ir: Optional[str], check: bool,

@@ -67,6 +67,9 @@ def build(
                                               help="onnx-int4 block size: 16/32/64/128/256"),
     report: bool = typer.Option(False, "--report", help="write report.json/report.md: "
                                 "quantization accuracy vs the float weights"),
+    decode_graphs: Optional[str] = typer.Option(
+        None, "--decode-graphs", help="comma-separated batch sizes that get a static decode "
+        "graph (replayed as a CUDA graph on GPU), e.g. 1,8"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -87,7 +90,7 @@ def build(
                        frontend=frontend, dump_ir=dump_ir, check=check,
                        passes=passes.split(",") if passes else None,
                        pass_options=_pass_options(pass_option), quant_block=quant_block,
-                       report=report)
+                       report=report, decode_graphs=_int_list(decode_graphs, "--decode-graphs"))
     if not quiet:
         for p in result["build"]["passes"]:
             if p["rewrites"]:
@@ -96,6 +99,17 @@ def build(
         g = result["graph"]
         typer.echo(f"built {result.path} ({result['target']['name']}, {g['nodes']} nodes, "
                    f"{g['parameters'] / 1e6:.1f}M parameters, {result['build']['seconds']:.1f} s)")
+
+
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    from flagc.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
 def _pass_options(items: list[str]) -> dict:

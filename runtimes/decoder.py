@@ -8,6 +8,10 @@ one-token step they are a view of a reused buffer, valid until the next step (co
 The step's small host arrays (ids, mask, positions) are bound as they are; the cache tensors are
 bound as raw buffers (see kv_cache). A one-token step writes its logits into a preallocated host
 buffer too; a longer (prefill) step lets onnxruntime allocate them.
+
+When the artifact has a static decode graph for the batch's row count (`flagc build
+--decode-graphs`), one-token steps go through it instead (static_decode.py): fixed shapes and
+addresses, replayed as a CUDA graph on GPUs; prefill and other batch sizes keep the dynamic graph.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class CachedDecoder:
     """Runs an engine step by step over a KV cache that stays bound in place."""
 
     def __init__(self, engine, manifest: dict[str, Any], device: str = "cpu",
-                 kernel_copies: bool = False):
+                 kernel_copies: bool = False, static_decode: bool = True):
         self.engine = engine
         self.layout = KVLayout.from_manifest(manifest)
         dims = manifest["dims"]
@@ -63,12 +67,36 @@ class CachedDecoder:
         inputs = set(engine.input_names)
         self._has_positions = "position_ids" in inputs
         self.last_prefill = 0  # prompt tokens the last prefill/resume actually ran
+        from .static_decode import static_graphs
+
+        # Static decode graphs (one per batch size) take one-token steps when the batch fits.
+        self._static_files = static_graphs(manifest) \
+            if static_decode and hasattr(engine, "folder") else {}
+        self._static: dict[int, Any] = {}
 
     # ---- steps -------------------------------------------------------------------------------
+    def _static_step(self, rows: int):
+        """The static decode step for `rows` rows, or None when the artifact has none."""
+        file = self._static_files.get(rows)
+        if file is None:
+            return None
+        step = self._static.get(rows)
+        if step is None or step.storage is not self.cache._storage:
+            from .static_decode import StaticDecodeStep
+
+            step = self._static[rows] = StaticDecodeStep(
+                self.engine, file, rows, self.cache, self.vocab_size, self._logits_dtype)
+        return step
+
     def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
         cache, b = self.cache, self._binding
         rows, s = ids.shape
-        mask, pos = cache.begin_step(ids, valid)
+        step = self._static_step(rows) if s == 1 else None
+        mask, pos = cache.begin_step(ids, valid, mask=step is None)
+        if step is not None:
+            out = step.run(ids, pos)
+            cache.commit(ids, valid)
+            return out[:, -1, :]
         b.input_array("input_ids", ids)
         b.input_array("attention_mask", mask)
         if self._has_positions:

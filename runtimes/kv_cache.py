@@ -158,11 +158,13 @@ class KVCache:
         self.tokens[:rows] = -1
         self.positions = np.zeros(rows, dtype=np.int64)
 
-    def begin_step(self, ids: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def begin_step(self, ids: np.ndarray, valid: np.ndarray,
+                   mask: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Record `ids` [rows, s] (valid marks real tokens) in the next slots.
 
-        Returns the step's attention_mask [rows, T + s] and position_ids [rows, s]. The slots
-        only count once `commit` runs (after the engine succeeded).
+        Returns the step's attention_mask [rows, T + s] (None when `mask` is False: a static
+        step reads `self.mask` whole) and position_ids [rows, s]. The slots only count once
+        `commit` runs (after the engine succeeded).
         """
         rows, s = ids.shape
         if rows != self.rows:
@@ -173,8 +175,12 @@ class KVCache:
                                     f"{self.capacity_tokens} slots reserved")
         self.mask[:rows, self.length:end] = valid
         self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
-        pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
-        return np.ascontiguousarray(self.mask[:rows, :end]), pos.astype(np.int64, copy=False)
+        if s == 1:  # a decode step: each row's next position, no cumsum
+            pos = (self.positions[:, None] + (valid - 1)).clip(min=0)
+        else:
+            pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
+        step_mask = np.ascontiguousarray(self.mask[:rows, :end]) if mask else None
+        return step_mask, pos.astype(np.int64, copy=False)
 
     def bind(self, binding, s: int) -> None:
         """Bind every past input and present output for a step of `s` new tokens."""

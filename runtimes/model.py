@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +16,8 @@ from flagc.runtimes.sampling import SamplingParams
 __all__ = ["LoadedModel", "load_artifact"]
 
 
-def load_artifact(path: str, device: str = "cpu", threads: int | None = None) -> "LoadedModel":
+def load_artifact(path: str, device: str = "cpu", threads: int | None = None,
+                  static_decode: bool = True) -> "LoadedModel":
     folder, manifest = read_manifest(path)
     backend = manifest["target"].get("backend")
     if backend == "tensorrt":
@@ -28,7 +28,9 @@ def load_artifact(path: str, device: str = "cpu", threads: int | None = None) ->
         raise ArtifactError(f"{folder}: backend {backend!r} is not supported by this runtime")
     from flagc.runtimes.ort_engine import OrtEngine
 
-    return LoadedModel(folder, manifest, OrtEngine(folder, manifest, device, threads))
+    model = LoadedModel(folder, manifest, OrtEngine(folder, manifest, device, threads))
+    model.static_decode = static_decode
+    return model
 
 
 class LoadedModel:
@@ -38,6 +40,7 @@ class LoadedModel:
         self.engine = engine
         self._tokenizer = None
         self._decoder = None
+        self.static_decode = True  # use the artifact's static decode graphs when it has them
 
     @property
     def tokenizer(self):
@@ -61,7 +64,8 @@ class LoadedModel:
             from flagc.runtimes.decoder import CachedDecoder
 
             self._decoder = CachedDecoder(self.engine, self.manifest,
-                                          getattr(self.engine, "device", "cpu"))
+                                          getattr(self.engine, "device", "cpu"),
+                                          static_decode=self.static_decode)
         return self._decoder
 
     def _seq2seq(self):

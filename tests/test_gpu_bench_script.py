@@ -20,14 +20,19 @@ def _load():
 def test_tiny_run_reports_rates_bound_and_agreement(tmp_path, capsys):
     bench = _load()
     r = bench.main(["--tiny", "--work", str(tmp_path), "--reps", "1", "--new-tokens", "12",
-                    "--prompt-len", "16", "--batches", "1,2", "--engines", "flagc,eager",
+                    "--prompt-len", "16", "--batches", "1,2",
+                    "--engines", "flagc,flagc-dynamic,eager",
                     "--bandwidth-gbs", "10", "--json", str(tmp_path / "r.json")])
-    assert set(r["decode_tok_s"]) == {"flagc", "eager"}
+    assert set(r["decode_tok_s"]) == {"flagc", "flagc-dynamic", "eager"}
     assert all(v > 0 for d in r["decode_tok_s"].values() for v in d.values())
-    assert r["agreement_first_32"] == {"1": 12, "2": 12}  # every generated token agrees
+    # every generated token agrees, through the static decode graphs and the dynamic graph
+    assert r["agreement_first_32"] == {"flagc": {"1": 12, "2": 12},
+                                       "flagc-dynamic": {"1": 12, "2": 12}}
     assert r["bandwidth_bound_tok_s"] == pytest.approx(10e9 / r["weight_bytes"])
     out = capsys.readouterr().out
-    assert "| flagc (onnx-fp32, onnxruntime CPU EP) |" in out and "% of bound" in out
+    assert "| flagc (onnx-fp32, onnxruntime CPU EP, static decode graph) |" in out
+    assert "| flagc (onnx-fp32, onnxruntime CPU EP, dynamic graph) |" in out
+    assert "% of bound" in out
     assert os.path.isfile(tmp_path / "r.json")
 
 

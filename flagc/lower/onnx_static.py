@@ -1,0 +1,128 @@
+"""Static-shape decode graphs: one decode step at a fixed batch, replayable as a CUDA graph.
+
+A CUDA graph replays recorded kernel launches, so every shape and every buffer address must be
+the same on every step, and no node may run on the host. The dynamic decoder graph has neither:
+its KV inputs grow by one slot per step and its attention lengths come from Shape arithmetic.
+
+`write_static_decode` derives, from the lowered decoder model, a graph for batch B and one new
+token whose KV cache is the max-length buffer shared by past and present
+(GroupQueryAttention's past_present_share_buffer mode):
+
+    input_ids, position_ids  [B, 1]        int64
+    attention_mask           [B, max_seq]  int64   1 for real cached tokens and the new one
+    cache_length             [B]           int32   slots filled before this step
+    past_key_values.*        [B, kv, max_seq, d]   bound to the same memory as present.*
+    logits                   [B, 1, vocab]
+
+Every GroupQueryAttention reads its per-row lengths from `cache_length` and a constant total of
+max_seq (the kernel attends to cache_length + 1 keys; the mask's padding bias spans all max_seq
+slots), so onnxruntime folds all remaining shape arithmetic into constants at load time.
+The weights are not copied: the static graph names the same initializers and, for big models,
+the same external data file as the dynamic one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from flagc.errors import LoweringError
+
+__all__ = ["write_static_decode", "static_decode_file", "CACHE_LENGTH"]
+
+CACHE_LENGTH = "cache_length"
+_TOTAL = "static_decode.total_length"
+_STEP_INPUTS = ("input_ids", "position_ids")
+
+
+def static_decode_file(batch: int) -> str:
+    return f"decode-b{batch}.onnx"
+
+
+def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str = "") -> str:
+    """Write the static decode graph for `batch` beside `engine_path`; returns its file name.
+
+    `label` names the model in error messages (the engine path is a temp folder's)."""
+    model = onnx.load(engine_path, load_external_data=False)
+    g = model.graph
+    _check_supported(g, label or engine_path)
+    for vi in g.input:
+        dims = _dims(vi)
+        if vi.name in _STEP_INPUTS:
+            _set_dims(vi, [batch, 1])
+        elif vi.name == "attention_mask":
+            _set_dims(vi, [batch, max_seq])
+        else:  # past_key_values.*: [batch, kv_heads, past, head_dim]
+            _set_dims(vi, [batch, dims[1], max_seq, dims[3]])
+    for vi in g.output:
+        dims = _dims(vi)
+        if vi.name == "logits":
+            _set_dims(vi, [batch, 1, dims[2]])
+        else:  # present.*: the shared buffer
+            _set_dims(vi, [batch, dims[1], max_seq, dims[3]])
+    g.input.append(helper.make_tensor_value_info(CACHE_LENGTH, TensorProto.INT32, [batch]))
+    g.initializer.append(numpy_helper.from_array(np.array(max_seq, np.int32), _TOTAL))
+    for node in g.node:
+        if node.op_type == "GroupQueryAttention":
+            node.input[5], node.input[6] = CACHE_LENGTH, _TOTAL
+    _drop_dead(g)
+    del g.value_info[:]  # stale symbolic shapes of the dynamic graph
+    name = static_decode_file(batch)
+    path = os.path.join(os.path.dirname(engine_path), name)
+    onnx.save(model, path)
+    try:
+        onnx.checker.check_model(path)
+    except Exception as exc:
+        raise LoweringError(f"onnx.checker rejected the static decode graph {name}: {exc}") \
+            from exc
+    return name
+
+
+def _check_supported(g: onnx.GraphProto, label: str) -> None:
+    """Static decode needs every cached tensor to flow through GroupQueryAttention."""
+    inputs = {vi.name for vi in g.input}
+    missing = {"input_ids", "attention_mask", "position_ids"} - inputs
+    if missing:
+        raise LoweringError(f"{label}: a static decode graph needs the inputs "
+                            f"{sorted(missing)} (a decoder with a KV cache and position ids)")
+    past = {n for n in inputs if n.startswith("past_key_values.")}
+    if not past:
+        raise LoweringError(f"{label}: a static decode graph needs a KV cache")
+    readers = {n for node in g.node if node.op_type != "GroupQueryAttention"
+               for n in node.input if n in past}
+    writers = {o for node in g.node if node.op_type == "GroupQueryAttention" for o in node.output}
+    presents = {o.name for o in g.output if o.name.startswith("present.")}
+    if readers or not presents <= writers:
+        raise LoweringError(f"{label}: --decode-graphs needs every KV cache tensor to go "
+                            "through onnxruntime's GroupQueryAttention (a target with contrib "
+                            "ops, attention without bias or alibi); this graph's cache is "
+                            f"also read by other ops ({sorted(readers)[:2]})")
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims: list[int]) -> None:
+    shape = vi.type.tensor_type.shape
+    for d, v in zip(shape.dim, dims):
+        d.ClearField("dim_param")
+        d.dim_value = int(v)
+
+
+def _drop_dead(g: onnx.GraphProto) -> None:
+    """Remove nodes (the old length arithmetic) and initializers nothing reads any more."""
+    live = {o.name for o in g.output}
+    keep = []
+    for node in reversed(g.node):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(i for i in node.input if i)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    inits = [t for t in g.initializer if t.name in live]
+    del g.initializer[:]
+    g.initializer.extend(inits)

@@ -1,0 +1,97 @@
+"""Decode steps through a static-shape graph (flagc/lower/onnx_static.py), as CUDA graphs on GPU.
+
+One `StaticDecodeStep` per batch size the artifact has a graph for. Its small inputs (ids,
+positions, the max_seq-wide mask, the cache length) live in device buffers allocated once and
+overwritten before each step; the logits land in a device buffer too; the KV cache is bound to
+the cache's shared buffers. Every address is therefore the same on every step, which is what lets
+onnxruntime record the step once as a CUDA graph and replay it: one launch instead of hundreds
+of kernel dispatches from the host.
+
+The cache has two arenas (kv_cache.py) and beam search or a rolled-back conversation moves it
+from one to the other, so each arena gets its own binding and its own captured graph
+(onnxruntime's `gpu_graph_id`). A step is tied to one cache storage: when the cache reallocates
+(more rows), the decoder makes a new step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flagc.errors import RuntimeInputError
+
+from .kv_cache import KVCache
+from .ort_engine import OrtEngine
+
+__all__ = ["StaticDecodeStep", "static_graphs"]
+
+
+def static_graphs(manifest: dict[str, Any]) -> dict[int, str]:
+    """{batch: ONNX file} of the artifact's static decode graphs (empty when it has none)."""
+    graphs = (manifest.get("static_decode") or {}).get("graphs", {})
+    return {int(b): f for b, f in graphs.items()}
+
+
+class StaticDecodeStep:
+    """One-token decode steps for exactly `batch` rows over `cache`'s shared buffers."""
+
+    def __init__(self, engine: OrtEngine, file: str, batch: int, cache: KVCache,
+                 vocab_size: int, logits_dtype: np.dtype):
+        import onnxruntime as ort
+
+        if not cache.shared:
+            raise RuntimeInputError("a static decode graph needs the KV cache's shared buffers "
+                                    "(manifest kv_cache.shared_buffer)")
+        self.batch, self.cache, self.storage = batch, cache, cache._storage
+        self.device, self.parent = engine.device, engine
+        self.engine = OrtEngine(engine.folder, engine.manifest, engine.device, engine.threads,
+                                engine_file=file, cuda_graph=engine.device == "cuda")
+        width = cache.capacity_tokens
+
+        def buffer(shape, dtype):
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
+
+        self._ids = buffer((batch, 1), np.int64)
+        self._pos = buffer((batch, 1), np.int64)
+        self._mask = buffer((batch, width), np.int64)
+        self._length = buffer((batch,), np.int32)
+        self._logits = buffer((batch, 1, vocab_size), logits_dtype)
+        self._bindings: dict[int, Any] = {}  # arena -> binding
+        self._options: dict[int, Any] = {}  # arena -> RunOptions naming its CUDA graph
+        self._ort = ort
+
+    def _binding(self, arena: int):
+        b = self._bindings.get(arena)
+        if b is None:
+            b = self._bindings[arena] = self.engine.binding()
+            b.input_value("input_ids", self._ids)
+            b.input_value("position_ids", self._pos)
+            b.input_value("attention_mask", self._mask)
+            b.input_value("cache_length", self._length)
+            b.output_value("logits", self._logits)
+            self.cache.bind(b, 1)
+            opts = self._ort.RunOptions()
+            if self.device == "cuda":
+                opts.add_run_config_entry("gpu_graph_id", str(arena + 1))
+            self._options[arena] = opts
+        return b
+
+    def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Feed ids [batch, 1] at `positions` [batch, 1]; the cache's mask already marks the
+        new slot (KVCache.begin_step). Returns logits [batch, 1, vocab] on the host."""
+        cache = self.cache
+        if cache._storage is not self.storage or cache.rows != self.batch:
+            raise RuntimeInputError("static decode step used with a reallocated KV cache")
+        self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+        self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
+        self._length.update_inplace(np.full(self.batch, cache.length, dtype=np.int32))
+        arena = cache._cur
+        binding = self._binding(arena)
+        before = self.engine.run_seconds
+        self.engine.run_binding(binding, self._options[arena])
+        # The generation loop's overhead report counts time inside the engine's runs.
+        self.parent.run_seconds += self.engine.run_seconds - before
+        self.parent.run_calls += 1
+        return self._logits.numpy()

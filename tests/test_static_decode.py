@@ -1,0 +1,170 @@
+"""Static decode graphs (--decode-graphs): the fixed-shape one-token step that the CUDA runtime
+replays as a CUDA graph. On the CPU the same graphs run without capture, so every property but
+the capture itself is checked here: the graph's contract, no shape arithmetic left after
+onnxruntime's folding, the same logits and tokens as the dynamic graph and transformers
+(padding, beams, a resumed chat), and the errors."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import flagc
+from flagc.cli import app
+from flagc.errors import ConfigError, LoweringError
+from flagc.runtimes.decoder import CachedDecoder
+
+MAX_SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("static") / "llama")
+    flagc.build(tiny_llama, "onnx-fp32", out, max_seq=MAX_SEQ, max_batch=4,
+                decode_graphs=[2, 1])
+    return out
+
+
+def _signature(path):
+    m = onnx.load(path, load_external_data=False)
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    return ({i.name: dims(i) for i in m.graph.input}, {o.name: dims(o) for o in m.graph.output})
+
+
+def test_manifest_and_the_static_graph_contract(artifact):
+    model = flagc.load(artifact)
+    m = model.manifest
+    assert m["static_decode"] == {"graphs": {"1": "decode-b1.onnx", "2": "decode-b2.onnx"},
+                                  "length_input": "cache_length"}
+    assert m["kv_cache"]["shared_buffer"] is True
+    assert {"model.onnx", "decode-b1.onnx", "decode-b2.onnx"} <= set(m["files"])
+    ins, outs = _signature(os.path.join(artifact, "decode-b2.onnx"))
+    assert ins == {"input_ids": [2, 1], "attention_mask": [2, MAX_SEQ], "position_ids": [2, 1],
+                   **{f"past_key_values.{i}.{k}": [2, 2, MAX_SEQ, 16]
+                      for i in range(2) for k in ("key", "value")},
+                   "cache_length": [2]}
+    assert outs == {"logits": [2, 1, 128], **{f"present.{i}.{k}": [2, 2, MAX_SEQ, 16]
+                                             for i in range(2) for k in ("key", "value")}}
+
+
+def test_no_shape_arithmetic_survives_onnxruntime_folding(artifact, tmp_path):
+    """CUDA graphs need every node on the GPU: nothing that computes shapes on the host."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(os.path.join(artifact, "decode-b1.onnx"), opts)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"Shape", "Slice", "Concat", "Expand", "ConstantOfShape", "Squeeze",
+                      "Reshape", "Range"}, ops
+    assert "GroupQueryAttention" in ops
+
+
+def _teacher_forced(model, prompts, forced):
+    dec = model.decoder
+    out = [dec.prefill(prompts, 0, max(map(len, prompts)) + forced.shape[1]).copy()]
+    for t in range(forced.shape[1]):
+        out.append(dec.append(forced[:, t]).copy())
+    return np.stack(out, 1)
+
+
+def test_static_steps_equal_the_dynamic_graph_with_padding(artifact):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # row 1 is left-padded
+    forced = np.random.default_rng(0).integers(3, 128, (2, 12))
+    static = flagc.load(artifact)
+    dynamic = flagc.load(artifact, static_decode=False)
+    ours = _teacher_forced(static, prompts, forced)
+    assert set(static.decoder._static) == {2}  # the one-token steps took the static graph
+    assert dynamic.decoder._static_files == {}
+    np.testing.assert_allclose(ours, _teacher_forced(dynamic, prompts, forced), atol=1e-5)
+
+
+def test_greedy_tokens_equal_transformers(artifact, tiny_llama):
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = [5, 17, 99, 3, 42]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
+                          do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    model = flagc.load(artifact)
+    got = model.generate(prompt, max_new_tokens=24, min_new_tokens=24)
+    assert got.token_ids == ref
+    assert set(model.decoder._static) == {1}
+
+
+def test_beam_search_across_arena_swaps_equals_the_dynamic_graph(artifact):
+    """Beam reorders move the cache between its two arenas: each arena has its own binding."""
+    static, dynamic = flagc.load(artifact), flagc.load(artifact, static_decode=False)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, num_beams=2)
+    ours = static.generate([9, 8, 7, 6], **kw)
+    assert ours.token_ids == dynamic.generate([9, 8, 7, 6], **kw).token_ids
+    step = static.decoder._static[2]
+    assert set(step._bindings) == {0, 1}
+
+
+def test_resumed_chat_keeps_the_cached_prefix(artifact):
+    model = flagc.load(artifact)
+    dec = model.decoder
+    first = dec.prefill([[4, 5, 6, 7]], 0, 20)
+    logits = dec.append(np.array([int(first.argmax())])).copy()
+    again, fed = dec.resume([4, 5, 6, 7, int(first.argmax()), 30, 31], 20)
+    fresh = flagc.load(artifact, static_decode=False).decoder
+    ref = fresh.prefill([[4, 5, 6, 7, int(first.argmax()), 30, 31]], 0, 20)
+    assert fed == 2
+    np.testing.assert_allclose(again, ref, atol=1e-5)
+    nxt = dec.append(np.array([int(again.argmax())]))
+    np.testing.assert_allclose(nxt, fresh.append(np.array([int(ref.argmax())])), atol=1e-5)
+    assert np.isfinite(logits).all()
+
+
+def test_other_batch_sizes_fall_back_to_the_dynamic_graph(artifact):
+    model = flagc.load(artifact)
+    prompts = [[5, 6], [7, 8], [9, 10]]
+    out = model.generate(prompts, max_new_tokens=6, min_new_tokens=6)
+    ref = flagc.load(artifact, static_decode=False).generate(prompts, max_new_tokens=6,
+                                                             min_new_tokens=6)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+    assert model.decoder._static == {}
+
+
+def test_cached_decoder_without_static_graphs_is_unchanged(artifact):
+    model = flagc.load(artifact)
+    dec = CachedDecoder(model.engine, {**model.manifest, "static_decode": None})
+    assert dec._static_files == {}
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def test_decode_graphs_are_validated_before_any_weight_is_read(tiny_llama, tmp_path):
+    out = str(tmp_path / "x")
+    with pytest.raises(ConfigError, match="--decode-graphs batch 16 must be between 1 and "
+                                          "--max-batch 8"):
+        flagc.build(tiny_llama, "onnx-fp32", out, decode_graphs=[1, 16])
+    with pytest.raises(ConfigError, match="--decode-graphs needs an onnxruntime target"):
+        flagc.build(tiny_llama, "trt-fp16", out, decode_graphs=[1])
+    assert not os.path.exists(out)
+    res = CliRunner().invoke(app, ["build", "-m", tiny_llama, "-o", out, "--decode-graphs",
+                                   "1,x"])
+    assert res.exit_code == 1 and "--decode-graphs '1,x': expected comma-separated integers" \
+        in res.output
+
+
+def test_a_cache_outside_group_query_attention_is_refused(tmp_path):
+    """GPT-2's traced attention reads its cache with ordinary ops: no static graph for it."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2,
+                                  n_head=4, bos_token_id=0, eos_token_id=1)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(tmp_path / "gpt2"))
+    out = str(tmp_path / "art")
+    with pytest.raises(LoweringError, match="gpt2: --decode-graphs needs every KV cache tensor "
+                                            "to go through onnxruntime's GroupQueryAttention"):
+        flagc.build(str(tmp_path / "gpt2"), "onnx-fp32", out, decode_graphs=[1])
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ["gpt2"]
