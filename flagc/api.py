@@ -97,7 +97,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
     pass_stats, pass_ctx = _optimize(graph, tgt, dump_ir, check, passes,
                                      {"max_seq": max_seq, **(pass_options or {})})
     tokenizer = _load_tokenizer(source)
-    static: dict[str, str] = {}
+    static: dict[str, dict[str, str]] = {}
     with staged_folder(output, overwrite=overwrite) as tmp:
         from flagc.lower.onnx_model import lower_to_onnx
 
@@ -116,7 +116,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
                                           decode_graphs, max_seq)
-            files += list(static.values())
+            files += [f for kind in static.values() for f in kind.values()]
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
                 _optimize(extra, tgt, None, check, passes, pass_options)
                 files += lower_to_onnx(extra, tgt, os.path.join(tmp, f"{role}.onnx"))
@@ -136,7 +136,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             update_manifest(manifest, trt_info)
         elif static:
             manifest["kv_cache"]["shared_buffer"] = True
-            manifest["static_decode"] = {"graphs": static, "length_input": "cache_length"}
+            manifest["static_decode"] = {**static, "length_input": "cache_length"}
         write_manifest(tmp, manifest)
     manifest["_path"] = os.path.abspath(output)
     return BuildResult(manifest)
@@ -157,8 +157,9 @@ def _checked_decode_graphs(batches: Optional[list[int]], tgt, max_batch: int) ->
 
 
 def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
-                         max_seq: int) -> dict[str, str]:
-    """{batch: file} of the static decode graphs written beside the engine."""
+                         max_seq: int) -> dict[str, dict[str, str]]:
+    """The static decode graphs written beside the engine: {"graphs": {batch: file},
+    "dense_graphs": {batch: file}} (the no-padding variants, where the attention packs)."""
     if not batches:
         return {}
     if _kv_layout(graph) is None:
@@ -166,9 +167,15 @@ def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
                           f"{graph.name} has none")
     from flagc.lower.onnx_static import write_static_decode
 
+    out: dict[str, dict[str, str]] = {"graphs": {}, "dense_graphs": {}}
     with phase(f"static decode graphs (batch {', '.join(map(str, batches))})"):
-        return {str(b): write_static_decode(engine_path, b, max_seq, label=graph.name)
-                for b in batches}
+        for b in batches:
+            out["graphs"][str(b)] = write_static_decode(engine_path, b, max_seq,
+                                                        label=graph.name)
+            dense = write_static_decode(engine_path, b, max_seq, label=graph.name, dense=True)
+            if dense:
+                out["dense_graphs"][str(b)] = dense
+    return out
 
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,

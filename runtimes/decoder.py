@@ -72,20 +72,29 @@ class CachedDecoder:
         # Static decode graphs (one per batch size) take one-token steps when the batch fits.
         self._static_files = static_graphs(manifest) \
             if static_decode and hasattr(engine, "folder") else {}
-        self._static: dict[int, Any] = {}
+        self._static: dict[tuple[int, bool], Any] = {}  # (rows, dense) -> StaticDecodeStep
 
     # ---- steps -------------------------------------------------------------------------------
     def _static_step(self, rows: int):
-        """The static decode step for `rows` rows, or None when the artifact has none."""
-        file = self._static_files.get(rows)
+        """The static decode step for `rows` rows, or None when the artifact has none.
+
+        The dense graph (rotary inside the attention, positions = slot indices) only when no
+        row holds padding."""
+        if not self._static_files:
+            return None
+        key = (rows, True)
+        cache = self.cache
+        if key not in self._static_files or not cache.mask[:rows, :cache.length].all():
+            key = (rows, False)
+        file = self._static_files.get(key)
         if file is None:
             return None
-        step = self._static.get(rows)
-        if step is None or step.storage is not self.cache._storage:
+        step = self._static.get(key)
+        if step is None or step.storage is not cache._storage:
             from .static_decode import StaticDecodeStep
 
-            step = self._static[rows] = StaticDecodeStep(
-                self.engine, file, rows, self.cache, self.vocab_size, self._logits_dtype)
+            step = self._static[key] = StaticDecodeStep(
+                self.engine, file, rows, cache, self.vocab_size, self._logits_dtype)
         return step
 
     def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:

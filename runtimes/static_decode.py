@@ -1,6 +1,7 @@
 """Decode steps through a static-shape graph (flagc/lower/onnx_static.py), as CUDA graphs on GPU.
 
-One `StaticDecodeStep` per batch size the artifact has a graph for. Its small inputs (ids,
+One `StaticDecodeStep` per batch size and variant the artifact has a graph for (the dense
+variant, rotary inside the attention, serves batches without padding). Its small inputs (ids,
 positions, the max_seq-wide mask, the cache length) live in device buffers allocated once and
 overwritten before each step; the logits land in a device buffer too; the KV cache is bound to
 the cache's shared buffers. Every address is therefore the same on every step, which is what lets
@@ -27,10 +28,14 @@ from .ort_engine import OrtEngine
 __all__ = ["StaticDecodeStep", "static_graphs"]
 
 
-def static_graphs(manifest: dict[str, Any]) -> dict[int, str]:
-    """{batch: ONNX file} of the artifact's static decode graphs (empty when it has none)."""
-    graphs = (manifest.get("static_decode") or {}).get("graphs", {})
-    return {int(b): f for b, f in graphs.items()}
+def static_graphs(manifest: dict[str, Any]) -> dict[tuple[int, bool], str]:
+    """{(batch, dense): ONNX file} of the artifact's static decode graphs (empty when none).
+
+    dense graphs are for batches without padding (flagc/lower/onnx_static.py)."""
+    info = manifest.get("static_decode") or {}
+    out = {(int(b), False): f for b, f in info.get("graphs", {}).items()}
+    out.update({(int(b), True): f for b, f in info.get("dense_graphs", {}).items()})
+    return out
 
 
 class StaticDecodeStep:

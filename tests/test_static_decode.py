@@ -5,6 +5,7 @@ onnxruntime's folding, the same logits and tokens as the dynamic graph and trans
 (padding, beams, a resumed chat), and the errors."""
 
 import os
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -41,29 +42,52 @@ def _signature(path):
 def test_manifest_and_the_static_graph_contract(artifact):
     model = flagc.load(artifact)
     m = model.manifest
-    assert m["static_decode"] == {"graphs": {"1": "decode-b1.onnx", "2": "decode-b2.onnx"},
-                                  "length_input": "cache_length"}
+    assert m["static_decode"] == {
+        "graphs": {"1": "decode-b1.onnx", "2": "decode-b2.onnx"},
+        "dense_graphs": {"1": "decode-b1-dense.onnx", "2": "decode-b2-dense.onnx"},
+        "length_input": "cache_length"}
     assert m["kv_cache"]["shared_buffer"] is True
-    assert {"model.onnx", "decode-b1.onnx", "decode-b2.onnx"} <= set(m["files"])
-    ins, outs = _signature(os.path.join(artifact, "decode-b2.onnx"))
-    assert ins == {"input_ids": [2, 1], "attention_mask": [2, MAX_SEQ], "position_ids": [2, 1],
-                   **{f"past_key_values.{i}.{k}": [2, 2, MAX_SEQ, 16]
-                      for i in range(2) for k in ("key", "value")},
-                   "cache_length": [2]}
-    assert outs == {"logits": [2, 1, 128], **{f"present.{i}.{k}": [2, 2, MAX_SEQ, 16]
-                                             for i in range(2) for k in ("key", "value")}}
+    assert {"model.onnx", "decode-b1.onnx", "decode-b2.onnx", "decode-b1-dense.onnx",
+            "decode-b2-dense.onnx"} <= set(m["files"])
+    for file in ("decode-b2.onnx", "decode-b2-dense.onnx"):  # one contract for both variants
+        ins, outs = _signature(os.path.join(artifact, file))
+        assert ins == {"input_ids": [2, 1], "attention_mask": [2, MAX_SEQ],
+                       "position_ids": [2, 1],
+                       **{f"past_key_values.{i}.{k}": [2, 2, MAX_SEQ, 16]
+                          for i in range(2) for k in ("key", "value")},
+                       "cache_length": [2]}
+        assert outs == {"logits": [2, 1, 128], **{f"present.{i}.{k}": [2, 2, MAX_SEQ, 16]
+                                                 for i in range(2) for k in ("key", "value")}}
+
+
+def _optimized_ops(path, tmp_path):
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(path, opts)
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
 
 
 def test_no_shape_arithmetic_survives_onnxruntime_folding(artifact, tmp_path):
     """CUDA graphs need every node on the GPU: nothing that computes shapes on the host."""
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    opts.log_severity_level = 3
-    ort.InferenceSession(os.path.join(artifact, "decode-b1.onnx"), opts)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
-    assert not ops & {"Shape", "Slice", "Concat", "Expand", "ConstantOfShape", "Squeeze",
-                      "Reshape", "Range"}, ops
-    assert "GroupQueryAttention" in ops
+    ops = _optimized_ops(os.path.join(artifact, "decode-b1.onnx"), tmp_path)
+    assert not set(ops) & {"Shape", "Slice", "Concat", "Expand", "ConstantOfShape", "Squeeze",
+                           "Reshape", "Range"}, ops
+    assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4
+
+
+def test_the_dense_graph_packs_qkv_and_rotary_into_the_attention(artifact, tmp_path):
+    """Per layer: norm, qkv, attention, o, norm, gate|up, split, silu, mul, down."""
+    ops = _optimized_ops(os.path.join(artifact, "decode-b1-dense.onnx"), tmp_path)
+    assert ops == {"Gather": 1, "SimplifiedLayerNormalization": 1,
+                   "SkipSimplifiedLayerNormalization": 4, "MatMul": 9,
+                   "GroupQueryAttention": 2, "Split": 2, "QuickGelu": 2, "Mul": 2}
+    m = onnx.load(os.path.join(artifact, "decode-b1-dense.onnx"), load_external_data=False)
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    assert list(gqa.input)[1:3] == ["", ""] and list(gqa.input)[5:9] == [
+        "cache_length", "static_decode.total_length", "rope.cos", "rope.sin"]
+    assert {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")} \
+        == {"do_rotary": 1, "rotary_interleaved": 0}
 
 
 def _teacher_forced(model, prompts, forced):
@@ -80,9 +104,19 @@ def test_static_steps_equal_the_dynamic_graph_with_padding(artifact):
     static = flagc.load(artifact)
     dynamic = flagc.load(artifact, static_decode=False)
     ours = _teacher_forced(static, prompts, forced)
-    assert set(static.decoder._static) == {2}  # the one-token steps took the static graph
+    assert set(static.decoder._static) == {(2, False)}  # padding: the general static graph
     assert dynamic.decoder._static_files == {}
     np.testing.assert_allclose(ours, _teacher_forced(dynamic, prompts, forced), atol=1e-5)
+
+
+def test_dense_steps_equal_the_dynamic_graph_without_padding(artifact):
+    prompts = [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]]
+    forced = np.random.default_rng(1).integers(3, 128, (2, 12))
+    static = flagc.load(artifact)
+    ours = _teacher_forced(static, prompts, forced)
+    assert set(static.decoder._static) == {(2, True)}
+    ref = _teacher_forced(flagc.load(artifact, static_decode=False), prompts, forced)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def test_greedy_tokens_equal_transformers(artifact, tiny_llama):
@@ -96,7 +130,7 @@ def test_greedy_tokens_equal_transformers(artifact, tiny_llama):
     model = flagc.load(artifact)
     got = model.generate(prompt, max_new_tokens=24, min_new_tokens=24)
     assert got.token_ids == ref
-    assert set(model.decoder._static) == {1}
+    assert set(model.decoder._static) == {(1, True)}
 
 
 def test_beam_search_across_arena_swaps_equals_the_dynamic_graph(artifact):
@@ -105,7 +139,7 @@ def test_beam_search_across_arena_swaps_equals_the_dynamic_graph(artifact):
     kw = dict(max_new_tokens=10, min_new_tokens=10, num_beams=2)
     ours = static.generate([9, 8, 7, 6], **kw)
     assert ours.token_ids == dynamic.generate([9, 8, 7, 6], **kw).token_ids
-    step = static.decoder._static[2]
+    step = static.decoder._static[(2, True)]
     assert set(step._bindings) == {0, 1}
 
 

@@ -174,8 +174,8 @@ def _rms_norm(ctx, node, ins, outs):
     ms = em.op("ReduceMean", [em.op("Pow", [x, em.const(np.array(2.0, f32))])], axes=[-1],
                keepdims=1)
     eps = em.const(np.array(node.attrs["eps"], f32))
-    inv = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [ms, eps])])])
-    normed = em.op("Mul", [x, inv])
+    # x / sqrt(...) (not x * reciprocal): the form onnxruntime's SimplifiedLayerNormFusion matches
+    normed = em.op("Div", [x, em.op("Sqrt", [em.op("Add", [ms, eps])])])
     if dtype is not DType.F32:
         normed = em.op("Cast", [normed], to=ONNX_DTYPE[dtype])
     if node.attrs.get("offset"):

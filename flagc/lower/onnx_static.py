@@ -19,6 +19,13 @@ max_seq (the kernel attends to cache_length + 1 keys; the mask's padding bias sp
 slots), so onnxruntime folds all remaining shape arithmetic into constants at load time.
 The weights are not copied: the static graph names the same initializers and, for big models,
 the same external data file as the dynamic one.
+
+Dense variant (`decode-b{B}-dense.onnx`): when no row has padding, each row's position is its
+slot index, which is what GroupQueryAttention's own rotary uses (the cache length). The dense
+graph then feeds the merged q|k|v projection to the kernel packed, with rotary inside
+(do_rotary), and drops the padding bias: per layer one split and two rotary kernels fewer, and
+the kernel's fastest path (no bias). The runtime takes it whenever the batch has no padding
+(always for one row).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from flagc.errors import LoweringError
 
-__all__ = ["write_static_decode", "static_decode_file", "CACHE_LENGTH"]
+__all__ = ["write_static_decode", "static_decode_file", "dense_decode_file", "CACHE_LENGTH"]
 
 CACHE_LENGTH = "cache_length"
 _TOTAL = "static_decode.total_length"
@@ -42,9 +49,16 @@ def static_decode_file(batch: int) -> str:
     return f"decode-b{batch}.onnx"
 
 
-def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str = "") -> str:
+def dense_decode_file(batch: int) -> str:
+    return f"decode-b{batch}-dense.onnx"
+
+
+def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str = "",
+                        dense: bool = False) -> str | None:
     """Write the static decode graph for `batch` beside `engine_path`; returns its file name.
 
+    dense: the no-padding variant (module docstring); None when the graph's attention does
+    not have the packable form (merged q|k|v projection, split, rotary on q and k).
     `label` names the model in error messages (the engine path is a temp folder's)."""
     model = onnx.load(engine_path, load_external_data=False)
     g = model.graph
@@ -68,9 +82,11 @@ def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str =
     for node in g.node:
         if node.op_type == "GroupQueryAttention":
             node.input[5], node.input[6] = CACHE_LENGTH, _TOTAL
+    if dense and not _pack_qkv_with_rotary(g):
+        return None
     _drop_dead(g)
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
-    name = static_decode_file(batch)
+    name = dense_decode_file(batch) if dense else static_decode_file(batch)
     path = os.path.join(os.path.dirname(engine_path), name)
     onnx.save(model, path)
     try:
@@ -100,6 +116,56 @@ def _check_supported(g: onnx.GraphProto, label: str) -> None:
                             "through onnxruntime's GroupQueryAttention (a target with contrib "
                             "ops, attention without bias or alibi); this graph's cache is "
                             f"also read by other ops ({sorted(readers)[:2]})")
+
+
+def _pack_qkv_with_rotary(g: onnx.GraphProto) -> bool:
+    """Rewrite every GroupQueryAttention fed by rotary(split(qkv)) to take qkv packed, rotary
+    inside, no bias. All or nothing: False (graph untouched) when any node lacks the form."""
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    plans = []
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        q_rot, k_rot = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (q_rot and k_rot and q_rot.op_type == k_rot.op_type == "RotaryEmbedding"):
+            return False
+        split = producer.get(q_rot.input[0])
+        if (split is None or split.op_type != "Split" or len(split.output) != 3
+                or list(split.output) != [q_rot.input[0], k_rot.input[0], node.input[2]]):
+            return False
+        if any(r.input[1] != "position_ids" or r.input[2:4] != q_rot.input[2:4]
+               for r in (q_rot, k_rot)):
+            return False
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rot = {a.name: helper.get_attribute_value(a) for a in q_rot.attribute}
+        cos = consts.get(q_rot.input[2])
+        heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+        sizes = consts.get(split.input[1]) if len(split.input) > 1 else None
+        if cos is None or sizes is None or len(sizes) != 3 or sizes[1] != sizes[2]:
+            return False
+        head = int(sizes[1]) // kv_heads
+        if (int(sizes[0]) != heads * head or head % 16
+                or int(rot.get("rotary_embedding_dim", 0) or head) != 2 * cos.shape[1]):
+            return False
+        plans.append((node, split.input[0], q_rot.input[2], q_rot.input[3],
+                      int(rot.get("interleaved", 0))))
+    for node, packed, cos_name, sin_name, interleaved in plans:
+        inputs = list(node.input)
+        inputs[0:3] = [packed, "", ""]
+        inputs += [""] * (11 - len(inputs))
+        inputs[7], inputs[8], inputs[10] = cos_name, sin_name, ""
+        del node.input[:]
+        node.input.extend(_trim_optional(inputs))
+        node.attribute.extend([helper.make_attribute("do_rotary", 1),
+                               helper.make_attribute("rotary_interleaved", interleaved)])
+    return bool(plans)
+
+
+def _trim_optional(inputs: list[str]) -> list[str]:
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return inputs
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:
