@@ -90,6 +90,31 @@ def test_the_dense_graph_packs_qkv_and_rotary_into_the_attention(artifact, tmp_p
         == {"do_rotary": 1, "rotary_interleaved": 0}
 
 
+def test_weights_in_external_data_are_shared_not_read(artifact, tmp_path):
+    """Big models keep weights in model.onnx.data: the static graphs point at the same file
+    (nothing copied, nothing read) and give the same logits."""
+    from flagc.lower.onnx_static import write_static_decode
+
+    m = onnx.load(os.path.join(artifact, "model.onnx"))
+    onnx.save_model(m, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    data_size = os.path.getsize(tmp_path / "model.onnx.data")
+    for dense in (False, True):
+        name = write_static_decode(str(tmp_path / "model.onnx"), 1, MAX_SEQ, dense=dense)
+        assert os.path.getsize(tmp_path / name) < 20_000  # graph only
+        a = ort.InferenceSession(str(tmp_path / name))
+        b = ort.InferenceSession(os.path.join(artifact, name))
+        rng = np.random.default_rng(0)
+        feeds = {"input_ids": np.array([[7]]), "position_ids": np.array([[3]]),
+                 "attention_mask": np.r_[np.ones(4, np.int64), np.zeros(MAX_SEQ - 4, np.int64)
+                                         ][None], "cache_length": np.array([3], np.int32)}
+        feeds.update({i.name: rng.standard_normal((1, 2, MAX_SEQ, 16)).astype(np.float32)
+                      for i in a.get_inputs() if i.name.startswith("past_")})
+        np.testing.assert_allclose(a.run(["logits"], feeds)[0], b.run(["logits"], feeds)[0],
+                                   atol=1e-6)
+    assert os.path.getsize(tmp_path / "model.onnx.data") == data_size
+
+
 def _teacher_forced(model, prompts, forced):
     dec = model.decoder
     out = [dec.prefill(prompts, 0, max(map(len, prompts)) + forced.shape[1]).copy()]

@@ -122,7 +122,14 @@ def _pack_qkv_with_rotary(g: onnx.GraphProto) -> bool:
     """Rewrite every GroupQueryAttention fed by rotary(split(qkv)) to take qkv packed, rotary
     inside, no bias. All or nothing: False (graph untouched) when any node lacks the form."""
     producer = {o: n for n in g.node for o in n.output}
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    tensors = {t.name: t for t in g.initializer}
+
+    def small_const(name):  # split sizes; weights may live in external data (not read here)
+        t = tensors.get(name)
+        if t is None or t.data_location == TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(t)
+
     plans = []
     for node in g.node:
         if node.op_type != "GroupQueryAttention":
@@ -139,14 +146,14 @@ def _pack_qkv_with_rotary(g: onnx.GraphProto) -> bool:
             return False
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         rot = {a.name: helper.get_attribute_value(a) for a in q_rot.attribute}
-        cos = consts.get(q_rot.input[2])
+        cos = tensors.get(q_rot.input[2])  # [max positions, rotary_dim / 2]: dims suffice
         heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
-        sizes = consts.get(split.input[1]) if len(split.input) > 1 else None
+        sizes = small_const(split.input[1]) if len(split.input) > 1 else None
         if cos is None or sizes is None or len(sizes) != 3 or sizes[1] != sizes[2]:
             return False
         head = int(sizes[1]) // kv_heads
         if (int(sizes[0]) != heads * head or head % 16
-                or int(rot.get("rotary_embedding_dim", 0) or head) != 2 * cos.shape[1]):
+                or int(rot.get("rotary_embedding_dim", 0) or head) != 2 * int(cos.dims[1])):
             return False
         plans.append((node, split.input[0], q_rot.input[2], q_rot.input[3],
                       int(rot.get("interleaved", 0))))
