@@ -207,7 +207,7 @@ def step_profile(loaded, prompts, rate: float, steps: int = 100) -> dict[str, fl
         tok = np.asarray(dec.append(tok)).argmax(-1)
     step_ms = (time.perf_counter() - t) / steps * 1e3
     out = {"generate": 1e3 / rate, "decoder_step": step_ms}
-    static = dec._static.get(len(prompts))
+    static = next((st for (rows, _), st in dec._static.items() if rows == len(prompts)), None)
     if static is not None:  # replay the captured step as it stands, nothing else
         binding = static._binding(dec.cache._cur)
         opts = static._options[dec.cache._cur]

@@ -94,7 +94,8 @@ class CachedDecoder:
             from .static_decode import StaticDecodeStep
 
             step = self._static[key] = StaticDecodeStep(
-                self.engine, file, rows, cache, self.vocab_size, self._logits_dtype)
+                self.engine, file, rows, cache, self.vocab_size, self._logits_dtype,
+                dense=key[1])
         return step
 
     def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:

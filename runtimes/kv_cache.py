@@ -176,7 +176,7 @@ class KVCache:
         self.mask[:rows, self.length:end] = valid
         self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
         if s == 1:  # a decode step: each row's next position, no cumsum
-            pos = (self.positions[:, None] + (valid - 1)).clip(min=0)
+            pos = np.maximum(self.positions[:, None] + (valid - 1), 0)
         else:
             pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
         step_mask = np.ascontiguousarray(self.mask[:rows, :end]) if mask else None

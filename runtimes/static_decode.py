@@ -42,14 +42,16 @@ class StaticDecodeStep:
     """One-token decode steps for exactly `batch` rows over `cache`'s shared buffers."""
 
     def __init__(self, engine: OrtEngine, file: str, batch: int, cache: KVCache,
-                 vocab_size: int, logits_dtype: np.dtype):
+                 vocab_size: int, logits_dtype: np.dtype, dense: bool = False):
+        """dense: the no-padding graph, whose attention reads neither the mask nor the
+        positions (it rotates by slot index), so those two device buffers are not refreshed."""
         import onnxruntime as ort
 
         if not cache.shared:
             raise RuntimeInputError("a static decode graph needs the KV cache's shared buffers "
                                     "(manifest kv_cache.shared_buffer)")
         self.batch, self.cache, self.storage = batch, cache, cache._storage
-        self.device, self.parent = engine.device, engine
+        self.device, self.parent, self.dense = engine.device, engine, dense
         self.engine = OrtEngine(engine.folder, engine.manifest, engine.device, engine.threads,
                                 engine_file=file, cuda_graph=engine.device == "cuda")
         width = cache.capacity_tokens
@@ -88,9 +90,11 @@ class StaticDecodeStep:
         cache = self.cache
         if cache._storage is not self.storage or cache.rows != self.batch:
             raise RuntimeInputError("static decode step used with a reallocated KV cache")
+        # Each refresh is a synchronous host-to-device copy: only what the graph reads.
         self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
-        self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
-        self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
+        if not self.dense:
+            self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+            self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
         self._length.update_inplace(np.full(self.batch, cache.length, dtype=np.int32))
         arena = cache._cur
         binding = self._binding(arena)

@@ -85,6 +85,9 @@ def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str =
     if dense and not _pack_qkv_with_rotary(g):
         return None
     _drop_dead(g)
+    if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:
+        return None  # positions used elsewhere (e.g. learned embeddings): the runtime's
+        # dense step does not refresh them, so such a graph gets no dense variant
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
     name = dense_decode_file(batch) if dense else static_decode_file(batch)
     path = os.path.join(os.path.dirname(engine_path), name)
