@@ -38,7 +38,10 @@ def suite_artifacts(suite: Suite, cache_dir: Path,
             folder.parent.mkdir(parents=True, exist_ok=True)
             log(f"building {model.name} for {target} from {source}")
             try:
-                out.append(build_artifact(source, target, folder, model.task))
+                options = dict(model.build_options)
+                if not target.startswith("onnx-"):  # static decode graphs are onnxruntime's
+                    options.pop("decode_graphs", None)
+                out.append(build_artifact(source, target, folder, model.task, **options))
             except (ConfigError, LoweringError) as e:
                 notes.append(f"{model.name}: target {target} skipped, the builder says: {e}")
                 log(notes[-1])

@@ -24,6 +24,7 @@ class SuiteModel:
     source: str  # key of flagc.bench.sources.SOURCES
     task: str  # the artifact's task, as `flagc build --task` takes it
     targets: tuple[str, ...]
+    build_options: tuple[tuple[str, object], ...] = ()  # more `flagc.build` keyword arguments
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ SUITES: dict[str, Suite] = {
             description="anchors: all-MiniLM-L6-v2 and SmolLM2-135M, every CPU target",
             models=(SuiteModel("minilm", "minilm", "embedding", ("onnx-fp32", "onnx-int8")),
                     SuiteModel("smollm2", "smollm2", "text-generation",
-                               ("onnx-fp32", "onnx-int8", "onnx-int4"))),
+                               ("onnx-fp32", "onnx-int8", "onnx-int4"),
+                               # static decode graph for the anchor's batch 1
+                               build_options=(("decode_graphs", (1,)),))),
             encoder_points=((8, 128), (1, 32), (1, 128), (2, 128), (4, 128)),
             decoder_points=((1, 32), (1, 256), (4, 32)),
             new_tokens=128,
@@ -72,7 +75,8 @@ SUITES: dict[str, Suite] = {
             name="gpu",
             description="GPU anchor: 1.1B LLaMA shape, random fp16 weights, batch 1 and 8",
             models=(SuiteModel("llama-1.1b", "llama-1.1b-random", "text-generation",
-                              ("onnx-fp16", "trt-fp16")),),
+                              ("onnx-fp16", "trt-fp16"),
+                              build_options=(("decode_graphs", (1, 8)),)),),
             encoder_points=(),
             decoder_points=((1, 128), (8, 128)),
             new_tokens=256,
