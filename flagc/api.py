@@ -113,7 +113,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                     io=_io_signature(extra), engine_file=f"{role}.plan")
                 files += more
         else:
-            files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file))
+            # Static decode graphs name the same weights: one model.onnx.data for all of them.
+            files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file),
+                                  **({"external_threshold": 0} if decode_graphs else {}))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
                                           decode_graphs, max_seq)
             files += [f for kind in static.values() for f in kind.values()]
