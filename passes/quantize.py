@@ -90,7 +90,9 @@ def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
 class _LazyQuantized:
     """Quantizes one float weight on demand; codes/scales/zero points share one computation."""
 
-    _last: tuple[int, Any] = (0, None)  # (id of the owner, result): one tensor at a time
+    # (owner, result): one tensor at a time. The owner itself, not its id: an id is reused once
+    # its object is collected, and a stale result (another weight's) would come back.
+    _last: tuple[Any, Any] = (None, None)
 
     def __init__(self, source: WeightSource, scheme: QuantScheme,
                  importance: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None):
@@ -99,14 +101,14 @@ class _LazyQuantized:
 
     def part(self, index: int) -> WeightSource:
         def load():
-            key, result = _LazyQuantized._last
-            if key != id(self) or result is None:
+            owner, result = _LazyQuantized._last
+            if owner is not self or result is None:
                 w = np.asarray(self.source.load())
                 if self.hessian is not None and self.scheme.bits == 4:
                     result = gptq_quantize(w, self.scheme, self.hessian)
                 else:
                     result = quantize_weight(w, self.scheme, self.importance)
-                _LazyQuantized._last = (id(self), result)
+                _LazyQuantized._last = (self, result)
             return result[index]
         what = ("codes", "scales", "zero points")[index]
         return WeightSource(load, origin=f"{what} ({self.scheme.describe()}) of "
