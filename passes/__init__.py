@@ -3,7 +3,7 @@
 Importing this package registers every pass (`flagc.passes.manager.PASSES`).
 """
 
-from flagc.passes import cleanup, fusion, precision, quantize  # noqa: F401  (registration)
+from flagc.passes import cleanup, fusion, padding, precision, quantize  # noqa: F401
 from flagc.passes.manager import PASSES, PassContext, PassStats, register_pass, run_pipeline
 from flagc.passes.pipeline import optimize, pipeline_for
 

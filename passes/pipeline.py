@@ -32,6 +32,8 @@ def pipeline_for(target, options: Optional[dict[str, Any]] = None) -> list[str]:
         names += [f"precision-{precision}", "cse", "dce"]
     if getattr(target, "contrib_ops", False) and target.precision in ("int4", "int8"):
         names += ["quantize", "dce"]  # after fusion: merged projections quantize as one matrix
+    if getattr(target, "backend", "") == "onnxruntime":
+        names += ["pack-tokens"]  # last: it sees the final per-token ops (quantized ones too)
     return names
 
 

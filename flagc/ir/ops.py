@@ -80,6 +80,8 @@ class Op(Enum):
     RANGE = "range"
     FULL = "full"
     CUMSUM = "cumsum"
+    PACK_TOKENS = "pack_tokens"
+    UNPACK_TOKENS = "unpack_tokens"
 
 
 UNARY = frozenset({
@@ -785,6 +787,43 @@ _define(Op.FULL, ["sizes*"], {"value": REQUIRED, "dtype": REQUIRED, "shape": REQ
             "the dims as text.")
 _define(Op.CUMSUM, ["x"], {"axis": REQUIRED}, _same,
         lambda x, *, axis: torch.cumsum(x, dim=axis).to(x.dtype))
+
+
+
+
+# Padding removal (passes/padding.py): the real tokens of a padded [batch, seq, ...] tensor as
+# one [tokens, ...] tensor, row-major, and back (padding positions come back as zeros).
+TOKENS = "tokens"
+
+
+def _pack_infer(types, attrs):
+    from flagc.ir.symbolic import sym
+
+    x, mask = types
+    if mask.rank != 2 or x.rank < 2 or tuple(x.shape[:2]) != tuple(mask.shape):
+        raise IRError(f"pack_tokens: x {x} must start with the mask's dims {mask}")
+    return [TensorType(x.dtype, (sym(TOKENS), *x.shape[2:]))]
+
+
+def _unpack_infer(types, attrs):
+    y, mask = types
+    if mask.rank != 2 or y.rank < 1:
+        raise IRError(f"unpack_tokens: y {y} and mask {mask} must be [tokens, ...] and [b, s]")
+    return [TensorType(y.dtype, (*mask.shape, *y.shape[1:]))]
+
+
+def _unpack_ref(y, mask):
+    keep = mask.reshape(-1) != 0
+    out = torch.zeros((keep.numel(), *y.shape[1:]), dtype=y.dtype)
+    out[keep] = y
+    return out.reshape(*mask.shape, *y.shape[1:])
+
+
+_define(Op.PACK_TOKENS, ["x", "mask"], {}, _pack_infer,
+        lambda x, mask: x.reshape(-1, *x.shape[2:])[mask.reshape(-1) != 0],
+        doc="The rows of x [b, s, ...] where mask [b, s] is non-zero, as [tokens, ...].")
+_define(Op.UNPACK_TOKENS, ["y", "mask"], {}, _unpack_infer, _unpack_ref,
+        doc="pack_tokens undone: y [tokens, ...] scattered to [b, s, ...], zeros elsewhere.")
 
 
 from flagc.ir import ops_quant  # noqa: E402,F401  (registers QLINEAR)

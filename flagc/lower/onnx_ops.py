@@ -451,6 +451,44 @@ def _cumsum(ctx, node, ins, outs):
 lower_onnx.update({Op.DIM: _dim, Op.RANGE: _range, Op.FULL: _full, Op.CUMSUM: _cumsum})
 
 
+# Padding removal: row indices of the real tokens, computed once per mask and shared.
+def _token_rows(ctx, mask):
+    em = ctx.em
+    key = ("token-rows", mask)
+    if key not in em.cache:
+        flat = em.op("Reshape", [mask, em.i64(-1)])
+        em.cache[key] = em.op("Squeeze", [em.op("NonZero", [flat]), em.i64(0)])  # [tokens]
+    return em.cache[key]
+
+
+def _flat_rows(ctx, x, inner):
+    return ctx.em.op("Reshape", [x, ctx.em.i64(-1, *inner)])
+
+
+def _pack_tokens(ctx, node, ins, outs):
+    inner = [int(d) for d in node.inputs[0].shape[2:]]
+    ctx.em.op("Gather", [_flat_rows(ctx, ins[0], inner), _token_rows(ctx, ins[1])], outs,
+              axis=0)
+
+
+def _unpack_tokens(ctx, node, ins, outs):
+    from onnx import numpy_helper
+
+    em = ctx.em
+    inner = [int(d) for d in node.inputs[0].shape[1:]]
+    rows = _token_rows(ctx, ins[1])
+    mask_shape = em.op("Shape", [ins[1]])
+    total = em.op("ReduceProd", [mask_shape], keepdims=1)  # batch * seq
+    zeros = em.op("ConstantOfShape", [em.op("Concat", [total, em.i64(*inner)], axis=0)],
+                  value=numpy_helper.from_array(
+                      np.zeros(1, dtype=node.inputs[0].dtype.numpy)))
+    flat = em.op("ScatterND", [zeros, em.op("Unsqueeze", [rows, em.i64(-1)]), ins[0]])
+    em.op("Reshape", [flat, em.op("Concat", [mask_shape, em.i64(*inner)], axis=0)], outs)
+
+
+lower_onnx.update({Op.PACK_TOKENS: _pack_tokens, Op.UNPACK_TOKENS: _unpack_tokens})
+
+
 def lowering_for(op: Op) -> LowerFn:
     if op not in lower_onnx:
         raise LoweringError(f"op {op.value!r} has no ONNX lowering")
