@@ -209,11 +209,9 @@ def step_profile(loaded, prompts, rate: float, steps: int = 100) -> dict[str, fl
     out = {"generate": 1e3 / rate, "decoder_step": step_ms}
     static = next((st for (rows, _), st in dec._static.items() if rows == len(prompts)), None)
     if static is not None:  # replay the captured step as it stands, nothing else
-        binding = static._binding(dec.cache._cur)
-        opts = static._options[dec.cache._cur]
         t = time.perf_counter()
         for _ in range(steps):
-            static.engine.session.run_with_iobinding(binding.io, opts)
+            static.replay()
         out["graph_replay"] = (time.perf_counter() - t) / steps * 1e3
     return out
 

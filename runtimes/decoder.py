@@ -90,7 +90,7 @@ class CachedDecoder:
         if file is None:
             return None
         step = self._static.get(key)
-        if step is None or step.storage is not cache._storage:
+        if step is None or step.storage is not cache.storage:
             from .static_decode import StaticDecodeStep
 
             step = self._static[key] = StaticDecodeStep(

@@ -102,6 +102,17 @@ class KVCache:
 
     # ---- sizing ------------------------------------------------------------------------------
     @property
+    def storage(self):
+        """The buffers now (replaced when the cache grows): bindings to them are valid as long
+        as this object is."""
+        return self._storage
+
+    @property
+    def arena(self) -> int:
+        """Which of the two arenas holds the cache (beam reorders and trims swap them)."""
+        return self._cur
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the buffers now."""
         return 0 if self._storage is None else self._storage.nbytes

@@ -50,7 +50,7 @@ class StaticDecodeStep:
         if not cache.shared:
             raise RuntimeInputError("a static decode graph needs the KV cache's shared buffers "
                                     "(manifest kv_cache.shared_buffer)")
-        self.batch, self.cache, self.storage = batch, cache, cache._storage
+        self.batch, self.cache, self.storage = batch, cache, cache.storage
         self.device, self.parent, self.dense = engine.device, engine, dense
         self.engine = OrtEngine(engine.folder, engine.manifest, engine.device, engine.threads,
                                 engine_file=file, cuda_graph=engine.device == "cuda")
@@ -88,7 +88,7 @@ class StaticDecodeStep:
         """Feed ids [batch, 1] at `positions` [batch, 1]; the cache's mask already marks the
         new slot (KVCache.begin_step). Returns logits [batch, 1, vocab] on the host."""
         cache = self.cache
-        if cache._storage is not self.storage or cache.rows != self.batch:
+        if cache.storage is not self.storage or cache.rows != self.batch:
             raise RuntimeInputError("static decode step used with a reallocated KV cache")
         # Each refresh is a synchronous host-to-device copy: only what the graph reads.
         self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
@@ -96,7 +96,7 @@ class StaticDecodeStep:
             self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
             self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
         self._length.update_inplace(np.full(self.batch, cache.length, dtype=np.int32))
-        arena = cache._cur
+        arena = cache.arena
         binding = self._binding(arena)
         before = self.engine.run_seconds
         self.engine.run_binding(binding, self._options[arena])
@@ -104,3 +104,10 @@ class StaticDecodeStep:
         self.parent.run_seconds += self.engine.run_seconds - before
         self.parent.run_calls += 1
         return self._logits.numpy()
+
+    def replay(self) -> None:
+        """Run the step again on its bound buffers as they are (no input refresh, no readback):
+        the graph's own time, for profiling."""
+        arena = self.cache.arena
+        binding = self._binding(arena)
+        self.engine.run_binding(binding, self._options[arena])
