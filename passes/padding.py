@@ -9,7 +9,8 @@ one unpack before the attention block and one pack after it: the output projecti
 and the whole MLP run on real tokens.
 
 Applies to graphs with an `attention_mask` input [batch, seq] and no KV cache (encoders). Per-token
-outputs come back with zeros at padding positions (their values carry no meaning in any model).
+outputs come back with zeros at padding positions (their values carry no meaning in any model);
+`--pass-option pack_tokens=false` keeps the padded computation everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ PARAM_INPUTS = {Op.LINEAR: {1, 2}, Op.QLINEAR: set(range(1, 8)), Op.ADD_NORM: {2
 
 @register_pass("pack-tokens")
 def pack_tokens(graph: Graph, ctx: PassContext) -> dict[str, int]:
+    if ctx.options.get("pack_tokens", True) is False:  # --pass-option pack_tokens=false
+        ctx.decline("pack-tokens", "turned off (pack_tokens=false)")
+        return {"packed ops": 0}
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     if mask is None or mask.rank != 2:
         return {"packed ops": 0}

@@ -175,3 +175,12 @@ def test_zoo_bert_embedding_matches_transformers_at_real_tokens(tmp_path, target
     tol = 1e-4 if target == "onnx-fp32" else 0.15
     np.testing.assert_allclose(got[real], ref.last_hidden_state.numpy()[real], atol=tol)
     assert not got[~real].any()
+
+
+def test_pack_tokens_can_be_turned_off():
+    graph = _graph()
+    ctx = PassContext(options={"pack_tokens": False})
+    stats = run_pipeline(graph, ["pack-tokens"], ctx)
+    assert not stats[0].rewrites.get("packed ops")
+    assert "pack_tokens" not in print_graph(graph)
+    assert "turned off" in str(ctx.declined)
