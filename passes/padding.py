@@ -47,7 +47,6 @@ def pack_tokens(graph: Graph, ctx: PassContext) -> dict[str, int]:
     if not chosen:
         return {"packed ops": 0}
     packed: dict[Value, Value] = {}  # padded value -> its packed twin
-    unpacked: dict[Value, Value] = {}  # packed value -> its padded twin (made on demand)
     nodes: list[Node] = []
 
     def packed_of(v: Value) -> Value:
@@ -71,7 +70,6 @@ def pack_tokens(graph: Graph, ctx: PassContext) -> dict[str, int]:
         for old, new in zip(node.outputs, twin.outputs):
             packed[old] = new
             unpack = make_node(Op.UNPACK_TOKENS, [new, mask])
-            unpacked[new] = unpack.outputs[0]
             nodes.append(unpack)  # dce drops it when nothing padded reads `old`
             redirect[old] = unpack.outputs[0]
     graph.nodes = nodes

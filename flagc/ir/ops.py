@@ -789,8 +789,6 @@ _define(Op.CUMSUM, ["x"], {"axis": REQUIRED}, _same,
         lambda x, *, axis: torch.cumsum(x, dim=axis).to(x.dtype))
 
 
-
-
 # Padding removal (passes/padding.py): the real tokens of a padded [batch, seq, ...] tensor as
 # one [tokens, ...] tensor, row-major, and back (padding positions come back as zeros).
 TOKENS = "tokens"

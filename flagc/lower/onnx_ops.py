@@ -451,13 +451,16 @@ def _cumsum(ctx, node, ins, outs):
 lower_onnx.update({Op.DIM: _dim, Op.RANGE: _range, Op.FULL: _full, Op.CUMSUM: _cumsum})
 
 
-# Padding removal: row indices of the real tokens, computed once per mask and shared.
-def _token_rows(ctx, mask):
+# Padding removal: the mask's shape and its real tokens' row indices, computed once per mask.
+def _token_rows(ctx, mask) -> tuple[str, str, str]:
+    """(rows [tokens], mask shape [2], batch * seq [1]) for `mask`."""
     em = ctx.em
     key = ("token-rows", mask)
     if key not in em.cache:
         flat = em.op("Reshape", [mask, em.i64(-1)])
-        em.cache[key] = em.op("Squeeze", [em.op("NonZero", [flat]), em.i64(0)])  # [tokens]
+        rows = em.op("Squeeze", [em.op("NonZero", [flat]), em.i64(0)])
+        shape = em.op("Shape", [mask])
+        em.cache[key] = (rows, shape, em.op("ReduceProd", [shape], keepdims=1))
     return em.cache[key]
 
 
@@ -467,7 +470,7 @@ def _flat_rows(ctx, x, inner):
 
 def _pack_tokens(ctx, node, ins, outs):
     inner = [int(d) for d in node.inputs[0].shape[2:]]
-    ctx.em.op("Gather", [_flat_rows(ctx, ins[0], inner), _token_rows(ctx, ins[1])], outs,
+    ctx.em.op("Gather", [_flat_rows(ctx, ins[0], inner), _token_rows(ctx, ins[1])[0]], outs,
               axis=0)
 
 
@@ -476,9 +479,7 @@ def _unpack_tokens(ctx, node, ins, outs):
 
     em = ctx.em
     inner = [int(d) for d in node.inputs[0].shape[1:]]
-    rows = _token_rows(ctx, ins[1])
-    mask_shape = em.op("Shape", [ins[1]])
-    total = em.op("ReduceProd", [mask_shape], keepdims=1)  # batch * seq
+    rows, mask_shape, total = _token_rows(ctx, ins[1])
     zeros = em.op("ConstantOfShape", [em.op("Concat", [total, em.i64(*inner)], axis=0)],
                   value=numpy_helper.from_array(
                       np.zeros(1, dtype=node.inputs[0].dtype.numpy)))
