@@ -167,17 +167,10 @@ def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
     if _kv_layout(graph) is None:
         raise ConfigError("--decode-graphs needs a decoder with a KV cache; "
                           f"{graph.name} has none")
-    from flagc.lower.onnx_static import write_static_decode
+    from flagc.lower.onnx_static import write_static_decodes
 
-    out: dict[str, dict[str, str]] = {"graphs": {}, "dense_graphs": {}}
     with phase(f"static decode graphs (batch {', '.join(map(str, batches))})"):
-        for b in batches:
-            out["graphs"][str(b)] = write_static_decode(engine_path, b, max_seq,
-                                                        label=graph.name)
-            dense = write_static_decode(engine_path, b, max_seq, label=graph.name, dense=True)
-            if dense:
-                out["dense_graphs"][str(b)] = dense
-    return out
+        return write_static_decodes(engine_path, batches, max_seq, label=graph.name)
 
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,

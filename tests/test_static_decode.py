@@ -98,14 +98,14 @@ def test_the_dense_graph_packs_qkv_and_rotary_into_the_attention(artifact, tmp_p
 def test_weights_in_external_data_are_shared_not_read(artifact, tmp_path):
     """Big models keep weights in model.onnx.data: the static graphs point at the same file
     (nothing copied, nothing read) and give the same logits."""
-    from flagc.lower.onnx_static import write_static_decode
+    from flagc.lower.onnx_static import write_static_decodes
 
     m = onnx.load(os.path.join(artifact, "model.onnx"))
     onnx.save_model(m, str(tmp_path / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     data_size = os.path.getsize(tmp_path / "model.onnx.data")
-    for dense in (False, True):
-        name = write_static_decode(str(tmp_path / "model.onnx"), 1, MAX_SEQ, dense=dense)
+    written = write_static_decodes(str(tmp_path / "model.onnx"), [1], MAX_SEQ)
+    for name in (written["graphs"]["1"], written["dense_graphs"]["1"]):
         assert os.path.getsize(tmp_path / name) < 20_000  # graph only
         a = ort.InferenceSession(str(tmp_path / name))
         b = ort.InferenceSession(os.path.join(artifact, name))

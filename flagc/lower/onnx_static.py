@@ -4,7 +4,7 @@ A CUDA graph replays recorded kernel launches, so every shape and every buffer a
 the same on every step, and no node may run on the host. The dynamic decoder graph has neither:
 its KV inputs grow by one slot per step and its attention lengths come from Shape arithmetic.
 
-`write_static_decode` derives, from the lowered decoder model, a graph for batch B and one new
+`write_static_decodes` derives, from the lowered decoder model, a graph for batch B and one new
 token whose KV cache is the max-length buffer shared by past and present
 (GroupQueryAttention's past_present_share_buffer mode):
 
@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from flagc.errors import LoweringError
 
-__all__ = ["write_static_decode", "static_decode_file", "dense_decode_file", "CACHE_LENGTH"]
+__all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH"]
 
 CACHE_LENGTH = "cache_length"
 _TOTAL = "static_decode.total_length"
@@ -53,16 +53,32 @@ def dense_decode_file(batch: int) -> str:
     return f"decode-b{batch}-dense.onnx"
 
 
-def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str = "",
-                        dense: bool = False) -> str | None:
-    """Write the static decode graph for `batch` beside `engine_path`; returns its file name.
-
-    dense: the no-padding variant (module docstring); None when the graph's attention does
-    not have the packable form (merged q|k|v projection, split, rotary on q and k).
+def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
+                         label: str = "") -> dict[str, dict[str, str]]:
+    """Write the static decode graphs for `batches` beside `engine_path`:
+    {"graphs": {batch: file}, "dense_graphs": {batch: file}}. The dynamic graph is read once;
+    a dense variant (module docstring) is written where the attention has the packable form
+    (merged q|k|v projection, split, rotary on q and k).
     `label` names the model in error messages (the engine path is a temp folder's)."""
-    model = onnx.load(engine_path, load_external_data=False)
+    template = onnx.load(engine_path, load_external_data=False)
+    _check_supported(template.graph, label or engine_path)
+    folder = os.path.dirname(engine_path)
+    out: dict[str, dict[str, str]] = {"graphs": {}, "dense_graphs": {}}
+    for batch in batches:
+        out["graphs"][str(batch)] = _write_variant(template, folder, batch, max_seq, False)
+        dense = _write_variant(template, folder, batch, max_seq, True)
+        if dense:
+            out["dense_graphs"][str(batch)] = dense
+    return out
+
+
+def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: int,
+                   dense: bool) -> str | None:
+    """One static graph specialized from (a copy of) `template`; None when `dense` and the
+    graph does not pack."""
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
     g = model.graph
-    _check_supported(g, label or engine_path)
     for vi in g.input:
         dims = _dims(vi)
         if vi.name in _STEP_INPUTS:
@@ -90,7 +106,7 @@ def write_static_decode(engine_path: str, batch: int, max_seq: int, label: str =
         # dense step does not refresh them, so such a graph gets no dense variant
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
     name = dense_decode_file(batch) if dense else static_decode_file(batch)
-    path = os.path.join(os.path.dirname(engine_path), name)
+    path = os.path.join(folder, name)
     onnx.save(model, path)
     try:
         onnx.checker.check_model(path)
