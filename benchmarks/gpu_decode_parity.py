@@ -18,20 +18,12 @@ cuda).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
+import gpu_llama_decode as bench  # the sibling script (python puts its folder on sys.path)
 import numpy as np
-
-
-def _bench():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_llama_decode.py")
-    spec = importlib.util.spec_from_file_location("gpu_llama_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def flagc_logits(loaded, prompts: list[list[int]], forced: np.ndarray) -> np.ndarray:
@@ -53,7 +45,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    bench = _bench()
     import torch
     import transformers
 

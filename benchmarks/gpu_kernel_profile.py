@@ -11,10 +11,10 @@ busy time per step and the wall time per step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
+import gpu_llama_decode as bench  # the sibling script (python puts its folder on sys.path)
 import numpy as np
 
 
@@ -26,10 +26,6 @@ def main(argv=None) -> None:
     ap.add_argument("--static", type=int, default=1, help="0: the dynamic graph")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_llama_decode.py")
-    spec = importlib.util.spec_from_file_location("gpu_llama_decode", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     import torch
     from torch.profiler import ProfilerActivity, profile
 

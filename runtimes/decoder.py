@@ -23,6 +23,7 @@ import numpy as np
 from flagc.errors import RuntimeInputError
 
 from .kv_cache import KVCache, KVLayout
+from .static_decode import StaticDecodeStep, static_graphs
 
 __all__ = ["CachedDecoder", "left_pad", "positions_from_mask"]
 
@@ -67,8 +68,6 @@ class CachedDecoder:
         inputs = set(engine.input_names)
         self._has_positions = "position_ids" in inputs
         self.last_prefill = 0  # prompt tokens the last prefill/resume actually ran
-        from .static_decode import static_graphs
-
         # Static decode graphs (one per batch size) take one-token steps when the batch fits.
         self._static_files = static_graphs(manifest) \
             if static_decode and hasattr(engine, "folder") else {}
@@ -91,8 +90,6 @@ class CachedDecoder:
             return None
         step = self._static.get(key)
         if step is None or step.storage is not cache.storage:
-            from .static_decode import StaticDecodeStep
-
             step = self._static[key] = StaticDecodeStep(
                 self.engine, file, rows, cache, self.vocab_size, self._logits_dtype,
                 dense=key[1])

@@ -28,19 +28,19 @@ def load_artifact(path: str, device: str = "cpu", threads: int | None = None,
         raise ArtifactError(f"{folder}: backend {backend!r} is not supported by this runtime")
     from flagc.runtimes.ort_engine import OrtEngine
 
-    model = LoadedModel(folder, manifest, OrtEngine(folder, manifest, device, threads))
-    model.static_decode = static_decode
-    return model
+    return LoadedModel(folder, manifest, OrtEngine(folder, manifest, device, threads),
+                       static_decode=static_decode)
 
 
 class LoadedModel:
-    def __init__(self, folder: str, manifest: dict[str, Any], engine):
+    def __init__(self, folder: str, manifest: dict[str, Any], engine,
+                 static_decode: bool = True):
         self.folder = folder
         self.manifest = manifest
         self.engine = engine
         self._tokenizer = None
         self._decoder = None
-        self.static_decode = True  # use the artifact's static decode graphs when it has them
+        self.static_decode = static_decode  # use the artifact's static decode graphs if any
 
     @property
     def tokenizer(self):
