@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="also break flagc's decode step down: graph replay alone, one "
-                         "decoder step (input copies, KV bookkeeping, logits copy), generate")
+                         "decoder step (input copies, KV bookkeeping, logits copy), one greedy "
+                         "decoder step (the argmax picked on the device), generate")
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.target = args.target or ("onnx-fp32" if args.tiny else "onnx-fp16")
@@ -196,17 +197,22 @@ def decode_rate(run: Callable, prompts, n: int, reps: int,
 
 
 def step_profile(loaded, prompts, rate: float, steps: int = 100) -> dict[str, float]:
-    """Milliseconds per decode step at three levels (see --profile)."""
+    """Milliseconds per decode step at four levels (see --profile)."""
     import numpy as np
 
     dec = loaded.decoder
     steps = min(steps, loaded.manifest["dims"]["max_seq"] - len(prompts[0]) - 1)
-    tok = np.asarray(dec.prefill(prompts, 0, len(prompts[0]) + steps + 1)).argmax(-1)
-    t = time.perf_counter()
-    for _ in range(steps):
-        tok = np.asarray(dec.append(tok)).argmax(-1)
-    step_ms = (time.perf_counter() - t) / steps * 1e3
-    out = {"generate": 1e3 / rate, "decoder_step": step_ms}
+
+    def per_step(advance) -> float:
+        tok = np.asarray(dec.prefill(prompts, 0, len(prompts[0]) + steps + 1)).argmax(-1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = advance(tok)
+        return (time.perf_counter() - t) / steps * 1e3
+
+    out = {"generate": 1e3 / rate,
+           "decoder_step": per_step(lambda tok: np.asarray(dec.append(tok)).argmax(-1)),
+           "decoder_greedy_step": per_step(lambda tok: dec.append_greedy(tok)[0])}
     static = next((st for (rows, _), st in dec._static.items() if rows == len(prompts)), None)
     if static is not None:  # replay the captured step as it stands, nothing else
         t = time.perf_counter()

@@ -95,15 +95,17 @@ class CachedDecoder:
                 dense=key[1])
         return step
 
-    def _run(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, valid: np.ndarray, greedy: bool = False):
+        """Logits [rows, vocab] of the last position; with `greedy`, (argmax token, its logit)
+        per row instead, picked on the device when a static graph runs the step."""
         cache, b = self.cache, self._binding
         rows, s = ids.shape
         step = self._static_step(rows) if s == 1 else None
         mask, pos = cache.begin_step(ids, valid, mask=step is None)
         if step is not None:
-            out = step.run(ids, pos)
+            step.run(ids, pos)
             cache.commit(ids, valid)
-            return out[:, -1, :]
+            return step.greedy() if greedy else step.logits()[:, -1, :]
         b.input_array("input_ids", ids)
         b.input_array("attention_mask", mask)
         if self._has_positions:
@@ -122,6 +124,10 @@ class CachedDecoder:
             self.engine.run_binding(b)
             out = b.outputs()[0].numpy()
         cache.commit(ids, valid)
+        if greedy:
+            last = np.asarray(out[:, -1, :], dtype=np.float32)
+            tokens = last.argmax(axis=-1)
+            return tokens, last[np.arange(rows), tokens]
         return out[:, -1, :]
 
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int, reserve: int,
@@ -141,6 +147,15 @@ class CachedDecoder:
         if ids.ndim == 1:
             ids = ids[:, None]
         return self._run(ids, np.ones_like(ids))
+
+    def append_greedy(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `append`, but return each row's argmax token (int64 [rows], first maximum) and
+        its logit (float32 [rows]) instead of the logits: static decode graphs pick on the
+        device, so no vocab-wide row crosses to the host."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[:, None]
+        return self._run(ids, np.ones_like(ids), greedy=True)
 
     def resume(self, prompt: Sequence[int], reserve: int) -> tuple[np.ndarray, int]:
         """Continue a one-row conversation whose full token ids are now `prompt`.

@@ -377,6 +377,25 @@ class Sampler:
         self.record(tokens)
         return tokens
 
+    @property
+    def plain_argmax_next(self) -> bool:
+        """True when the next step is a plain argmax of the raw logits (greedy, and `penalize`
+        changes nothing), so the pick may come from the device (`take`)."""
+        p = self.params
+        return (p.greedy and not self._seen_flat.size and self._offset is None
+                and not (self.num_generated < p.min_new_tokens and self._suppressed.size > 0))
+
+    def take(self, tokens: np.ndarray, token_logits: np.ndarray) -> np.ndarray:
+        """Accept tokens [batch] picked elsewhere by argmax (when `plain_argmax_next`), with
+        their logits for the same NaN/inf check as `step`; returns them as int64."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if self.batch_size is not None and len(tokens) != self.batch_size:
+            raise RuntimeInputError(f"Sampler.take: {len(tokens)} tokens, but begin() got "
+                                    f"{self.batch_size} rows")
+        _check_finite(np.asarray(token_logits).reshape(-1), self.num_generated)
+        self.record(tokens)
+        return tokens
+
     def record(self, tokens: np.ndarray) -> None:
         """Count tokens [batch] as generated (step does this; call it for forced tokens)."""
         tokens = np.asarray(tokens, dtype=np.int64)

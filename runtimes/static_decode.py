@@ -4,7 +4,8 @@ One `StaticDecodeStep` per batch size and variant the artifact has a graph for (
 variant, rotary inside the attention, serves batches without padding). Its small inputs (ids,
 positions, the max_seq-wide mask, the cache length) live in device buffers allocated once and
 overwritten before each step; the logits land in a device buffer too; the KV cache is bound to
-the cache's shared buffers. Every address is therefore the same on every step, which is what lets
+the cache's shared buffers. The graphs also return the greedy pick (argmax token and its logit):
+greedy decoding copies those 16 bytes per row back instead of the logits. Every address is therefore the same on every step, which is what lets
 onnxruntime record the step once as a CUDA graph and replay it: one launch instead of hundreds
 of kernel dispatches from the host.
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from flagc.errors import RuntimeInputError
+from flagc.lower.onnx_static import GREEDY_LOGIT, GREEDY_TOKEN
 
 from .kv_cache import KVCache
 from .ort_engine import OrtEngine
@@ -63,7 +65,15 @@ class StaticDecodeStep:
         self._pos = buffer((batch, 1), np.int64)
         self._mask = buffer((batch, width), np.int64)
         self._length = buffer((batch,), np.int32)
+        # Graphs written since the greedy outputs were added return float32 logits.
+        types = {o.name: o.type for o in self.engine.session.get_outputs()}
+        if types.get("logits") == "tensor(float)":
+            logits_dtype = np.dtype(np.float32)
         self._logits = buffer((batch, 1, vocab_size), logits_dtype)
+        self.has_greedy = GREEDY_TOKEN in types and GREEDY_LOGIT in types
+        if self.has_greedy:
+            self._token = buffer((batch, 1, 1), np.int64)
+            self._token_logit = buffer((batch, 1, 1), np.float32)
         self._bindings: dict[int, Any] = {}  # arena -> binding
         self._options: dict[int, Any] = {}  # arena -> RunOptions naming its CUDA graph
         self._ort = ort
@@ -77,6 +87,9 @@ class StaticDecodeStep:
             b.input_value("attention_mask", self._mask)
             b.input_value("cache_length", self._length)
             b.output_value("logits", self._logits)
+            if self.has_greedy:
+                b.output_value(GREEDY_TOKEN, self._token)
+                b.output_value(GREEDY_LOGIT, self._token_logit)
             self.cache.bind(b, 1)
             opts = self._ort.RunOptions()
             if self.device == "cuda":
@@ -84,9 +97,10 @@ class StaticDecodeStep:
             self._options[arena] = opts
         return b
 
-    def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, positions: np.ndarray) -> None:
         """Feed ids [batch, 1] at `positions` [batch, 1]; the cache's mask already marks the
-        new slot (KVCache.begin_step). Returns logits [batch, 1, vocab] on the host."""
+        new slot (KVCache.begin_step). The results stay on the device until `logits()` or
+        `greedy()` reads them."""
         cache = self.cache
         if cache.storage is not self.storage or cache.rows != self.batch:
             raise RuntimeInputError("static decode step used with a reallocated KV cache")
@@ -103,7 +117,20 @@ class StaticDecodeStep:
         # The generation loop's overhead report counts time inside the engine's runs.
         self.parent.run_seconds += self.engine.run_seconds - before
         self.parent.run_calls += 1
+
+    def logits(self) -> np.ndarray:
+        """The last step's logits [batch, 1, vocab], copied to the host."""
         return self._logits.numpy()
+
+    def greedy(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last step's argmax token per row (int64 [batch]) and its logit (float32 [batch]),
+        picked on the device; from the host copy of the logits for graphs without the outputs."""
+        if self.has_greedy:  # copies: on the CPU numpy() views the buffer the next step fills
+            return (self._token.numpy().reshape(-1).copy(),
+                    self._token_logit.numpy().reshape(-1).copy())
+        logits = np.asarray(self._logits.numpy()[:, -1, :], dtype=np.float32)
+        tokens = logits.argmax(axis=-1)
+        return tokens, logits[np.arange(len(tokens)), tokens]
 
     def replay(self) -> None:
         """Run the step again on its bound buffers as they are (no input refresh, no readback):

@@ -317,3 +317,30 @@ def test_filter_logits_rejects_bad_values():
         filter_logits(_logits(1, 5), temperature=0)
     with pytest.raises(SamplingError, match="top_p=2"):
         filter_logits(_logits(1, 5), top_p=2)
+
+
+def test_plain_argmax_next_says_when_a_pick_made_elsewhere_may_be_taken():
+    """Greedy with nothing that reshapes the logits: the decoder may pick on the device."""
+    assert Sampler(SamplingParams(), 8).plain_argmax_next
+    assert not Sampler(SamplingParams(temperature=0.7), 8).plain_argmax_next
+    penalized = Sampler(SamplingParams(repetition_penalty=1.2), 8)
+    penalized.begin([[3]])
+    assert not penalized.plain_argmax_next
+    delayed = Sampler(SamplingParams(min_new_tokens=2), 8, eos_token_ids=[1])
+    delayed.begin([[3]])
+    steps = []
+    for _ in range(3):
+        steps.append(delayed.plain_argmax_next)
+        delayed.take(np.array([4]), np.array([0.5], np.float32))
+    assert steps == [False, False, True]  # EOS is suppressed for the first two tokens
+
+
+def test_take_checks_the_picked_logits_and_the_row_count():
+    sampler = Sampler(SamplingParams(), 8)
+    sampler.begin([[3], [4]])
+    assert sampler.take(np.array([5, 6]), np.array([1.0, 2.0])).tolist() == [5, 6]
+    assert sampler.num_generated == 1
+    with pytest.raises(RuntimeInputError, match="row 1 at generation step 1 has no finite"):
+        sampler.take(np.array([5, 6]), np.array([1.0, np.nan]))
+    with pytest.raises(RuntimeInputError, match="3 tokens, but begin\\(\\) got 2 rows"):
+        sampler.take(np.array([5, 6, 7]), np.array([1.0, 2.0, 3.0]))

@@ -60,8 +60,10 @@ def test_manifest_and_the_static_graph_contract(artifact):
                        **{f"past_key_values.{i}.{k}": [2, 2, MAX_SEQ, 16]
                           for i in range(2) for k in ("key", "value")},
                        "cache_length": [2]}
-        assert outs == {"logits": [2, 1, 128], **{f"present.{i}.{k}": [2, 2, MAX_SEQ, 16]
-                                                 for i in range(2) for k in ("key", "value")}}
+        assert outs == {"logits": [2, 1, 128], "greedy_token": [2, 1, 1],
+                        "greedy_logit": [2, 1, 1],
+                        **{f"present.{i}.{k}": [2, 2, MAX_SEQ, 16]
+                           for i in range(2) for k in ("key", "value")}}
 
 
 def _optimized_ops(path, tmp_path):
@@ -86,7 +88,8 @@ def test_the_dense_graph_packs_qkv_and_rotary_into_the_attention(artifact, tmp_p
     ops = _optimized_ops(os.path.join(artifact, "decode-b1-dense.onnx"), tmp_path)
     assert ops == {"Gather": 1, "SimplifiedLayerNormalization": 1,
                    "SkipSimplifiedLayerNormalization": 4, "MatMul": 9,
-                   "GroupQueryAttention": 2, "Split": 2, "QuickGelu": 2, "Mul": 2}
+                   "GroupQueryAttention": 2, "Split": 2, "QuickGelu": 2, "Mul": 2,
+                   "ArgMax": 1, "GatherElements": 1}
     m = onnx.load(os.path.join(artifact, "decode-b1-dense.onnx"), load_external_data=False)
     gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
     assert list(gqa.input)[1:3] == ["", ""] and list(gqa.input)[5:9] == [
@@ -161,6 +164,45 @@ def test_greedy_tokens_equal_transformers(artifact, tiny_llama):
     got = model.generate(prompt, max_new_tokens=24, min_new_tokens=24)
     assert got.token_ids == ref
     assert set(model.decoder._static) == {(1, True)}
+
+
+@pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]],  # padded rows
+                                     [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]],  # dense graph
+                                     [[4, 5, 6]]])
+def test_the_device_greedy_pick_equals_the_host_argmax(artifact, prompts):
+    """The static graphs' greedy_token / greedy_logit outputs: the first maximum of the
+    (float32) logits and its value, step after step of a greedy continuation."""
+    picker, ref = flagc.load(artifact).decoder, flagc.load(artifact).decoder
+    reserve = max(map(len, prompts)) + 10
+    tokens = picker.prefill(prompts, 0, reserve).argmax(-1)
+    ref.prefill(prompts, 0, reserve)
+    for _ in range(8):
+        got, got_logit = picker.append_greedy(tokens)
+        logits = ref.append(tokens)
+        assert logits.dtype == np.float32  # cast in the graph, not on the host
+        want = logits.argmax(-1)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+        np.testing.assert_allclose(got_logit, logits[np.arange(len(want)), want], atol=1e-6)
+        tokens = got
+    assert all(step.has_greedy for step in picker._static.values()) and picker._static
+
+
+def test_greedy_generation_picks_on_the_device_and_penalties_do_not(artifact):
+    """Plain greedy steps never copy logits back; a repetition penalty (which must see every
+    logit) goes through the logits, with the same tokens as the dynamic graph either way."""
+    model, dynamic = flagc.load(artifact), flagc.load(artifact, static_decode=False)
+    calls = Counter()
+    for name in ("append", "append_greedy"):
+        method = getattr(model.decoder, name)
+        setattr(model.decoder, name, lambda ids, _m=method, _n=name: (calls.update([_n]),
+                                                                        _m(ids))[1])
+    for kw in ({}, {"repetition_penalty": 1.3}):
+        calls.clear()
+        out = model.generate([9, 8, 7, 6], max_new_tokens=12, **kw)
+        assert out.token_ids == dynamic.generate([9, 8, 7, 6], max_new_tokens=12,
+                                                 **kw).token_ids
+        used = "append" if kw else "append_greedy"
+        assert calls == {used: len(out.token_ids) - 1}, (kw, calls)
 
 
 def test_beam_search_across_arena_swaps_equals_the_dynamic_graph(artifact):

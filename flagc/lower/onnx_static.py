@@ -12,7 +12,10 @@ token whose KV cache is the max-length buffer shared by past and present
     attention_mask           [B, max_seq]  int64   1 for real cached tokens and the new one
     cache_length             [B]           int32   slots filled before this step
     past_key_values.*        [B, kv, max_seq, d]   bound to the same memory as present.*
-    logits                   [B, 1, vocab]
+    logits                   [B, 1, vocab]  float32 (cast on the device: the host's fp16 -> fp32
+                                            conversion of a vocab-wide row costs more than it)
+    greedy_token             [B, 1, 1]      int64    the argmax of the logits (first maximum)
+    greedy_logit             [B, 1, 1]      float32  its logit (the runtime's NaN/inf check)
 
 Every GroupQueryAttention reads its per-row lengths from `cache_length` and a constant total of
 max_seq (the kernel attends to cache_length + 1 keys; the mask's padding bias spans all max_seq
@@ -38,9 +41,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from flagc.errors import LoweringError
 
-__all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH"]
+__all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH",
+           "GREEDY_TOKEN", "GREEDY_LOGIT"]
 
 CACHE_LENGTH = "cache_length"
+# Greedy decoding reads these instead of the logits: one 8-byte copy back per row, no
+# vocab-wide copy and argmax on the host between two graph replays.
+GREEDY_TOKEN = "greedy_token"
+GREEDY_LOGIT = "greedy_logit"
+_RAW_LOGITS = "static_decode.logits_model_dtype"
 _TOTAL = "static_decode.total_length"
 _STEP_INPUTS = ("input_ids", "position_ids")
 
@@ -93,6 +102,7 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
             _set_dims(vi, [batch, 1, dims[2]])
         else:  # present.*: the shared buffer
             _set_dims(vi, [batch, dims[1], max_seq, dims[3]])
+    _add_greedy_outputs(g, next(vi for vi in g.output if vi.name == "logits"))
     g.input.append(helper.make_tensor_value_info(CACHE_LENGTH, TensorProto.INT32, [batch]))
     g.initializer.append(numpy_helper.from_array(np.array(max_seq, np.int32), _TOTAL))
     for node in g.node:
@@ -186,6 +196,26 @@ def _pack_qkv_with_rotary(g: onnx.GraphProto) -> bool:
         node.attribute.extend([helper.make_attribute("do_rotary", 1),
                                helper.make_attribute("rotary_interleaved", interleaved)])
     return bool(plans)
+
+
+def _add_greedy_outputs(g: onnx.GraphProto, logits: onnx.ValueInfoProto) -> None:
+    """Make `logits` float32 (a Cast when the model computes in fp16/bf16) and add the greedy
+    pick and its logit as outputs. ArgMax keeps the first maximum, as numpy's argmax does."""
+    tensor = logits.type.tensor_type
+    if tensor.elem_type != TensorProto.FLOAT:
+        for node in g.node:
+            node.output[:] = [_RAW_LOGITS if o == logits.name else o for o in node.output]
+        g.node.append(helper.make_node("Cast", [_RAW_LOGITS], [logits.name],
+                                       to=TensorProto.FLOAT, name="static_decode.logits_fp32"))
+        tensor.elem_type = TensorProto.FLOAT
+    batch = tensor.shape.dim[0].dim_value
+    g.node.append(helper.make_node("ArgMax", [logits.name], [GREEDY_TOKEN], axis=-1,
+                                   keepdims=1, name="static_decode.greedy_token"))
+    g.node.append(helper.make_node("GatherElements", [logits.name, GREEDY_TOKEN],
+                                   [GREEDY_LOGIT], axis=-1, name="static_decode.greedy_logit"))
+    g.output.extend([
+        helper.make_tensor_value_info(GREEDY_TOKEN, TensorProto.INT64, [batch, 1, 1]),
+        helper.make_tensor_value_info(GREEDY_LOGIT, TensorProto.FLOAT, [batch, 1, 1])])
 
 
 def _trim_optional(inputs: list[str]) -> list[str]:
