@@ -72,6 +72,11 @@ class CachedDecoder:
         self._static_files = static_graphs(manifest) \
             if static_decode and hasattr(engine, "folder") else {}
         self._static: dict[tuple[int, bool], Any] = {}  # (rows, dense) -> StaticDecodeStep
+        self.last_logits = self._no_logits  # the last append_greedy step's logits, on demand
+
+    @staticmethod
+    def _no_logits() -> np.ndarray:
+        raise RuntimeInputError("last_logits: no append_greedy step has run")
 
     # ---- steps -------------------------------------------------------------------------------
     def _static_step(self, rows: int):
@@ -105,7 +110,10 @@ class CachedDecoder:
         if step is not None:
             step.run(ids, pos)
             cache.commit(ids, valid)
-            return step.greedy() if greedy else step.logits()[:, -1, :]
+            if greedy:
+                self.last_logits = lambda: step.logits()[:, -1, :]
+                return step.greedy()
+            return step.logits()[:, -1, :]
         b.input_array("input_ids", ids)
         b.input_array("attention_mask", mask)
         if self._has_positions:
@@ -126,6 +134,7 @@ class CachedDecoder:
         cache.commit(ids, valid)
         if greedy:
             last = np.asarray(out[:, -1, :], dtype=np.float32)
+            self.last_logits = lambda: last
             tokens = last.argmax(axis=-1)
             return tokens, last[np.arange(rows), tokens]
         return out[:, -1, :]
@@ -151,7 +160,8 @@ class CachedDecoder:
     def append_greedy(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `append`, but return each row's argmax token (int64 [rows], first maximum) and
         its logit (float32 [rows]) instead of the logits: static decode graphs pick on the
-        device, so no vocab-wide row crosses to the host."""
+        device, so no vocab-wide row crosses to the host. `last_logits()` still returns the
+        step's logits [rows, vocab] (copied then) until the next step."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[:, None]

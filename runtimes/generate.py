@@ -84,7 +84,8 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
     logits = _start(decoder, prompts, pad_id, max(len(p) for p in prompts) + budget, resume)
     picked = None  # (tokens, their logits) when the decoder picked the argmax itself
     for step in range(budget):
-        tokens = sampler.step(logits) if picked is None else sampler.take(*picked)
+        tokens = sampler.step(logits) if picked is None else \
+            sampler.take(*picked, decoder.last_logits)
         token_times.append(time.perf_counter() - start)
         was_stopped = stops.stopped.copy()
         now_stopped = stops.update(tokens)
@@ -98,7 +99,7 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
                     on_text(int(row), piece)
         if now_stopped.all() or step == budget - 1:
             break  # the last token is never run: nothing would read its keys and values
-        if sampler.plain_argmax_next:  # greedy: static decode graphs pick on the device
+        if sampler.picks_argmax:  # greedy: static decode graphs pick on the device
             picked = decoder.append_greedy(tokens)
         else:
             logits = decoder.append(tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -378,20 +378,26 @@ class Sampler:
         return tokens
 
     @property
-    def plain_argmax_next(self) -> bool:
-        """True when the next step is a plain argmax of the raw logits (greedy, and `penalize`
-        changes nothing), so the pick may come from the device (`take`)."""
+    def picks_argmax(self) -> bool:
+        """True when the next token is the argmax of the raw logits except where min_new_tokens
+        suppresses a stop token: greedy without penalties. The decoder may then pick on the
+        device and hand the picks to `take`."""
         p = self.params
-        return (p.greedy and not self._seen_flat.size and self._offset is None
-                and not (self.num_generated < p.min_new_tokens and self._suppressed.size > 0))
+        return p.greedy and not self._seen_flat.size and self._offset is None
 
-    def take(self, tokens: np.ndarray, token_logits: np.ndarray) -> np.ndarray:
-        """Accept tokens [batch] picked elsewhere by argmax (when `plain_argmax_next`), with
-        their logits for the same NaN/inf check as `step`; returns them as int64."""
+    def take(self, tokens: np.ndarray, token_logits: np.ndarray,
+             logits: Callable[[], np.ndarray]) -> np.ndarray:
+        """Accept the argmax tokens [batch] picked elsewhere (when `picks_argmax`), with their
+        logits for `step`'s NaN/inf check; returns them as int64. A pick that min_new_tokens
+        suppresses is redone by `step` on the full `logits()` [batch, vocab]: any other pick
+        is unchanged by the suppression (it stays the first maximum)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if self.batch_size is not None and len(tokens) != self.batch_size:
             raise RuntimeInputError(f"Sampler.take: {len(tokens)} tokens, but begin() got "
                                     f"{self.batch_size} rows")
+        if (self.num_generated < self.params.min_new_tokens and self._suppressed.size
+                and (tokens[:, None] == self._suppressed).any()):
+            return self.step(logits())
         _check_finite(np.asarray(token_logits).reshape(-1), self.num_generated)
         self.record(tokens)
         return tokens

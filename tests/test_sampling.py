@@ -319,28 +319,41 @@ def test_filter_logits_rejects_bad_values():
         filter_logits(_logits(1, 5), top_p=2)
 
 
-def test_plain_argmax_next_says_when_a_pick_made_elsewhere_may_be_taken():
-    """Greedy with nothing that reshapes the logits: the decoder may pick on the device."""
-    assert Sampler(SamplingParams(), 8).plain_argmax_next
-    assert not Sampler(SamplingParams(temperature=0.7), 8).plain_argmax_next
+def test_picks_argmax_says_when_a_pick_made_elsewhere_may_be_taken():
+    """Greedy with nothing that needs every logit: the decoder may pick on the device."""
+    assert Sampler(SamplingParams(), 8).picks_argmax
+    assert Sampler(SamplingParams(min_new_tokens=3), 8, eos_token_ids=[1]).picks_argmax
+    assert not Sampler(SamplingParams(temperature=0.7), 8).picks_argmax
     penalized = Sampler(SamplingParams(repetition_penalty=1.2), 8)
     penalized.begin([[3]])
-    assert not penalized.plain_argmax_next
-    delayed = Sampler(SamplingParams(min_new_tokens=2), 8, eos_token_ids=[1])
-    delayed.begin([[3]])
-    steps = []
-    for _ in range(3):
-        steps.append(delayed.plain_argmax_next)
-        delayed.take(np.array([4]), np.array([0.5], np.float32))
-    assert steps == [False, False, True]  # EOS is suppressed for the first two tokens
+    assert not penalized.picks_argmax
+
+
+def test_take_redoes_a_suppressed_pick_from_the_full_logits():
+    """min_new_tokens: a pick that is a stop token is redone from the logits (the runner-up);
+    any other pick is taken as it is, without asking for the logits."""
+    logits = np.array([[0.0, 5.0, 4.0, 1.0]], dtype=np.float32)
+    sampler = Sampler(SamplingParams(min_new_tokens=2, stop_token_ids=(2,)), 4, eos_token_ids=[1])
+    sampler.begin([[]])
+    asked = []
+
+    def full():
+        asked.append(1)
+        return logits
+
+    assert sampler.take(np.array([1]), np.array([5.0]), full).tolist() == [3]  # 1, 2 suppressed
+    assert sampler.take(np.array([3]), np.array([1.0]), full).tolist() == [3]
+    assert sampler.take(np.array([1]), np.array([5.0]), full).tolist() == [1]  # allowed now
+    assert len(asked) == 1 and sampler.num_generated == 3
 
 
 def test_take_checks_the_picked_logits_and_the_row_count():
     sampler = Sampler(SamplingParams(), 8)
     sampler.begin([[3], [4]])
-    assert sampler.take(np.array([5, 6]), np.array([1.0, 2.0])).tolist() == [5, 6]
+    never = lambda: pytest.fail("the logits are not needed")  # noqa: E731
+    assert sampler.take(np.array([5, 6]), np.array([1.0, 2.0]), never).tolist() == [5, 6]
     assert sampler.num_generated == 1
     with pytest.raises(RuntimeInputError, match="row 1 at generation step 1 has no finite"):
-        sampler.take(np.array([5, 6]), np.array([1.0, np.nan]))
+        sampler.take(np.array([5, 6]), np.array([1.0, np.nan]), never)
     with pytest.raises(RuntimeInputError, match="3 tokens, but begin\\(\\) got 2 rows"):
-        sampler.take(np.array([5, 6, 7]), np.array([1.0, 2.0, 3.0]))
+        sampler.take(np.array([5, 6, 7]), np.array([1.0, 2.0, 3.0]), never)

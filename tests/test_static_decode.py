@@ -183,25 +183,27 @@ def test_the_device_greedy_pick_equals_the_host_argmax(artifact, prompts):
         want = logits.argmax(-1)
         assert got.dtype == np.int64 and got.tolist() == want.tolist()
         np.testing.assert_allclose(got_logit, logits[np.arange(len(want)), want], atol=1e-6)
+        np.testing.assert_allclose(picker.last_logits(), logits, atol=1e-6)  # still there
         tokens = got
     assert all(step.has_greedy for step in picker._static.values()) and picker._static
 
 
 def test_greedy_generation_picks_on_the_device_and_penalties_do_not(artifact):
-    """Plain greedy steps never copy logits back; a repetition penalty (which must see every
-    logit) goes through the logits, with the same tokens as the dynamic graph either way."""
+    """Greedy steps (also with stop tokens suppressed by min_new_tokens) take the device's
+    pick; a repetition penalty (which must see every logit) goes through the logits; the
+    tokens equal the dynamic graph's either way."""
     model, dynamic = flagc.load(artifact), flagc.load(artifact, static_decode=False)
     calls = Counter()
     for name in ("append", "append_greedy"):
         method = getattr(model.decoder, name)
         setattr(model.decoder, name, lambda ids, _m=method, _n=name: (calls.update([_n]),
                                                                         _m(ids))[1])
-    for kw in ({}, {"repetition_penalty": 1.3}):
+    for kw in ({}, {"min_new_tokens": 12}, {"repetition_penalty": 1.3}):
         calls.clear()
         out = model.generate([9, 8, 7, 6], max_new_tokens=12, **kw)
         assert out.token_ids == dynamic.generate([9, 8, 7, 6], max_new_tokens=12,
                                                  **kw).token_ids
-        used = "append" if kw else "append_greedy"
+        used = "append" if "repetition_penalty" in kw else "append_greedy"
         assert calls == {used: len(out.token_ids) - 1}, (kw, calls)
 
 
