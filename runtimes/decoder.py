@@ -100,7 +100,7 @@ class CachedDecoder:
                 dense=key[1])
         return step
 
-    def _run(self, ids: np.ndarray, valid: np.ndarray, greedy: bool = False):
+    def _run(self, ids: np.ndarray, valid: np.ndarray | None, greedy: bool = False):
         """Logits [rows, vocab] of the last position; with `greedy`, (argmax token, its logit)
         per row instead, picked on the device when a static graph runs the step."""
         cache, b = self.cache, self._binding
@@ -155,7 +155,7 @@ class CachedDecoder:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[:, None]
-        return self._run(ids, np.ones_like(ids))
+        return self._run(ids, None)
 
     def append_greedy(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `append`, but return each row's argmax token (int64 [rows], first maximum) and
@@ -165,7 +165,7 @@ class CachedDecoder:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[:, None]
-        return self._run(ids, np.ones_like(ids), greedy=True)
+        return self._run(ids, None, greedy=True)
 
     def resume(self, prompt: Sequence[int], reserve: int) -> tuple[np.ndarray, int]:
         """Continue a one-row conversation whose full token ids are now `prompt`.

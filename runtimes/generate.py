@@ -87,16 +87,17 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
         tokens = sampler.step(logits) if picked is None else \
             sampler.take(*picked, decoder.last_logits)
         token_times.append(time.perf_counter() - start)
-        was_stopped = stops.stopped.copy()
+        running = [row for row, done in enumerate(stops.stopped.tolist()) if not done]
         now_stopped = stops.update(tokens)
-        for row in np.flatnonzero(~was_stopped):
-            if not (now_stopped[row] and stops.reason(int(row)) == "stop_token"):
-                generated[row].append(int(tokens[row]))
+        picks = tokens.tolist()
+        for row in running:
+            if not (now_stopped[row] and stops.reason(row) == "stop_token"):
+                generated[row].append(picks[row])
         if on_text is not None:
-            for row in np.flatnonzero(~was_stopped):
-                piece = stops.pop_text(int(row))
+            for row in running:
+                piece = stops.pop_text(row)
                 if piece:
-                    on_text(int(row), piece)
+                    on_text(row, piece)
         if now_stopped.all() or step == budget - 1:
             break  # the last token is never run: nothing would read its keys and values
         if sampler.picks_argmax:  # greedy: static decode graphs pick on the device

@@ -169,9 +169,9 @@ class KVCache:
         self.tokens[:rows] = -1
         self.positions = np.zeros(rows, dtype=np.int64)
 
-    def begin_step(self, ids: np.ndarray, valid: np.ndarray,
+    def begin_step(self, ids: np.ndarray, valid: np.ndarray | None,
                    mask: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-        """Record `ids` [rows, s] (valid marks real tokens) in the next slots.
+        """Record `ids` [rows, s] (valid marks real tokens; None: all are) in the next slots.
 
         Returns the step's attention_mask [rows, T + s] (None when `mask` is False: a static
         step reads `self.mask` whole) and position_ids [rows, s]. The slots only count once
@@ -184,11 +184,17 @@ class KVCache:
         if end > self.capacity_tokens:
             raise RuntimeInputError(f"KV cache full: {self.length} + {s} tokens exceed the "
                                     f"{self.capacity_tokens} slots reserved")
-        self.mask[:rows, self.length:end] = valid
-        self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
-        if s == 1:  # a decode step: each row's next position, no cumsum
+        if valid is None:  # appended tokens: no padding (the per-token decode path)
+            self.mask[:rows, self.length:end] = 1
+            self.tokens[:rows, self.length:end] = ids
+            pos = self.positions[:, None] if s == 1 else self.positions[:, None] + np.arange(s)
+        elif s == 1:  # a decode step: each row's next position, no cumsum
+            self.mask[:rows, self.length:end] = valid
+            self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
             pos = np.maximum(self.positions[:, None] + (valid - 1), 0)
         else:
+            self.mask[:rows, self.length:end] = valid
+            self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
             pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
         step_mask = np.ascontiguousarray(self.mask[:rows, :end]) if mask else None
         return step_mask, pos.astype(np.int64, copy=False)
@@ -205,10 +211,10 @@ class KVCache:
             binding.input_buffer(past, dev, dev_id, dt, past_shape, st.ptr(src, past))
             binding.output_buffer(present, dev, dev_id, dt, present_shape, st.ptr(dst, past))
 
-    def commit(self, ids: np.ndarray, valid: np.ndarray) -> None:
+    def commit(self, ids: np.ndarray, valid: np.ndarray | None) -> None:
         """The engine ran the step begun with `ids`: its slots now hold keys and values."""
         self.length += ids.shape[1]
-        self.positions = self.positions + valid.sum(axis=1)
+        self.positions = self.positions + (ids.shape[1] if valid is None else valid.sum(axis=1))
         if not self.shared:
             self._cur = 1 - self._cur
 

@@ -315,6 +315,7 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         stops = {int(t) for t in (*eos_token_ids, *params.stop_token_ids) if int(t) < vocab_size}
         self._suppressed = np.array(sorted(stops), dtype=np.int64)
+        self._suppressed_set = frozenset(self._suppressed.tolist())
         # Repetition penalty: which tokens a row has seen (prompt + generated), as a mask for
         # cheap novelty tests and as flat indices so each step touches only those logits.
         self._seen: np.ndarray | None = None  # [b, V] bool
@@ -396,15 +397,20 @@ class Sampler:
             raise RuntimeInputError(f"Sampler.take: {len(tokens)} tokens, but begin() got "
                                     f"{self.batch_size} rows")
         if (self.num_generated < self.params.min_new_tokens and self._suppressed.size
-                and (tokens[:, None] == self._suppressed).any()):
+                and not self._suppressed_set.isdisjoint(tokens.tolist())):
             return self.step(logits())
-        _check_finite(np.asarray(token_logits).reshape(-1), self.num_generated)
+        token_logits = np.asarray(token_logits).reshape(-1)
+        if not np.isfinite(token_logits).all():
+            _check_finite(token_logits, self.num_generated)
         self.record(tokens)
         return tokens
 
     def record(self, tokens: np.ndarray) -> None:
         """Count tokens [batch] as generated (step does this; call it for forced tokens)."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        self.num_generated += 1
+        if self._seen is None and self._counts is None:
+            return
         rows = np.arange(len(tokens))
         if self._seen is not None:
             new = ~self._seen[rows, tokens]
@@ -418,7 +424,6 @@ class Sampler:
             self._offset[rows, tokens] += np.where(
                 first, p.presence_penalty + p.frequency_penalty, p.frequency_penalty
             ).astype(np.float32)
-        self.num_generated += 1
 
     def reorder(self, rows: np.ndarray) -> None:
         """Row r continues old row rows[r] (beam search): penalty state follows its row."""

@@ -65,6 +65,7 @@ class StaticDecodeStep:
         self._pos = buffer((batch, 1), np.int64)
         self._mask = buffer((batch, width), np.int64)
         self._length = buffer((batch,), np.int32)
+        self._length_host = np.zeros(batch, np.int32)  # refilled in place: no array per step
         # Graphs written since the greedy outputs were added return float32 logits.
         types = {o.name: o.type for o in self.engine.session.get_outputs()}
         if types.get("logits") == "tensor(float)":
@@ -109,7 +110,8 @@ class StaticDecodeStep:
         if not self.dense:
             self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
             self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
-        self._length.update_inplace(np.full(self.batch, cache.length, dtype=np.int32))
+        self._length_host.fill(cache.length)
+        self._length.update_inplace(self._length_host)
         arena = cache.arena
         binding = self._binding(arena)
         before = self.engine.run_seconds
