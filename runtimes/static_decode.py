@@ -4,8 +4,11 @@ One `StaticDecodeStep` per batch size and variant the artifact has a graph for (
 variant, rotary inside the attention, serves batches without padding). Its small inputs (ids,
 positions, the max_seq-wide mask, the cache length) live in device buffers allocated once and
 overwritten before each step; the logits land in a device buffer too; the KV cache is bound to
-the cache's shared buffers. The graphs also return the greedy pick (argmax token and its logit):
-greedy decoding copies those 16 bytes per row back instead of the logits. Every address is therefore the same on every step, which is what lets
+the cache's shared buffers. The graphs also return the greedy pick (argmax token and its logit)
+and the next cache length: greedy decoding copies 12 bytes per row back instead of the logits,
+and nothing forward, because the pick and the length are written into a second pair of
+input buffers that the next step reads (the two pairs alternate, each with its own binding).
+Every address is therefore the same on every step, which is what lets
 onnxruntime record the step once as a CUDA graph and replay it: one launch instead of hundreds
 of kernel dispatches from the host.
 
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from flagc.errors import RuntimeInputError
-from flagc.lower.onnx_static import GREEDY_LOGIT, GREEDY_TOKEN
+from flagc.lower.onnx_static import GREEDY_LOGIT, GREEDY_TOKEN, NEXT_CACHE_LENGTH
 
 from .kv_cache import KVCache
 from .ort_engine import OrtEngine
@@ -61,41 +64,46 @@ class StaticDecodeStep:
         def buffer(shape, dtype):
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
 
-        self._ids = buffer((batch, 1), np.int64)
+        # Two (ids, length) pairs: a step reads pair p and, when the graph feeds itself,
+        # writes its pick and the next length into pair 1 - p.
+        self._ids = [buffer((batch, 1), np.int64) for _ in range(2)]
+        self._length = [buffer((batch,), np.int32) for _ in range(2)]
         self._pos = buffer((batch, 1), np.int64)
         self._mask = buffer((batch, width), np.int64)
-        self._length = buffer((batch,), np.int32)
         self._length_host = np.zeros(batch, np.int32)  # refilled in place: no array per step
-        # Graphs written since the greedy outputs were added return float32 logits.
         types = {o.name: o.type for o in self.engine.session.get_outputs()}
-        if types.get("logits") == "tensor(float)":
+        if types.get("logits") == "tensor(float)":  # graphs with the greedy outputs
             logits_dtype = np.dtype(np.float32)
         self._logits = buffer((batch, 1, vocab_size), logits_dtype)
-        self.has_greedy = GREEDY_TOKEN in types and GREEDY_LOGIT in types
+        self.has_greedy = {GREEDY_TOKEN, GREEDY_LOGIT, NEXT_CACHE_LENGTH} <= set(types)
         if self.has_greedy:
-            self._token = buffer((batch, 1, 1), np.int64)
             self._token_logit = buffer((batch, 1, 1), np.float32)
-        self._bindings: dict[int, Any] = {}  # arena -> binding
-        self._options: dict[int, Any] = {}  # arena -> RunOptions naming its CUDA graph
+        self._parity = 0  # the pair the next step reads
+        self._held_ids: np.ndarray | None = None  # what that pair holds, when known
+        self._held_length = -1
+        self._bindings: dict[tuple[int, int], Any] = {}  # (arena, parity) -> binding
+        self._options: dict[tuple[int, int], Any] = {}  # ... -> RunOptions naming its graph
         self._ort = ort
 
-    def _binding(self, arena: int):
-        b = self._bindings.get(arena)
+    def _binding(self, arena: int, parity: int):
+        key = (arena, parity)
+        b = self._bindings.get(key)
         if b is None:
-            b = self._bindings[arena] = self.engine.binding()
-            b.input_value("input_ids", self._ids)
+            b = self._bindings[key] = self.engine.binding()
+            b.input_value("input_ids", self._ids[parity])
             b.input_value("position_ids", self._pos)
             b.input_value("attention_mask", self._mask)
-            b.input_value("cache_length", self._length)
+            b.input_value("cache_length", self._length[parity])
             b.output_value("logits", self._logits)
             if self.has_greedy:
-                b.output_value(GREEDY_TOKEN, self._token)
+                b.output_value(GREEDY_TOKEN, self._ids[1 - parity])
+                b.output_value(NEXT_CACHE_LENGTH, self._length[1 - parity])
                 b.output_value(GREEDY_LOGIT, self._token_logit)
             self.cache.bind(b, 1)
             opts = self._ort.RunOptions()
             if self.device == "cuda":
-                opts.add_run_config_entry("gpu_graph_id", str(arena + 1))
-            self._options[arena] = opts
+                opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * arena + parity))
+            self._options[key] = opts
         return b
 
     def run(self, ids: np.ndarray, positions: np.ndarray) -> None:
@@ -105,20 +113,29 @@ class StaticDecodeStep:
         cache = self.cache
         if cache.storage is not self.storage or cache.rows != self.batch:
             raise RuntimeInputError("static decode step used with a reallocated KV cache")
-        # Each refresh is a synchronous host-to-device copy: only what the graph reads.
-        self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        # Each refresh is a synchronous host-to-device copy: only what the graph reads and
+        # the device does not hold already (a greedy step's own pick and length).
+        p = self._parity
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self._held_ids is None or not np.array_equal(ids, self._held_ids):
+            self._ids[p].update_inplace(ids)
+        if self._held_length != cache.length:
+            self._length_host.fill(cache.length)
+            self._length[p].update_inplace(self._length_host)
         if not self.dense:
             self._pos.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
             self._mask.update_inplace(np.ascontiguousarray(cache.mask[: self.batch]))
-        self._length_host.fill(cache.length)
-        self._length.update_inplace(self._length_host)
         arena = cache.arena
-        binding = self._binding(arena)
+        binding = self._binding(arena, p)
         before = self.engine.run_seconds
-        self.engine.run_binding(binding, self._options[arena])
+        self.engine.run_binding(binding, self._options[(arena, p)])
         # The generation loop's overhead report counts time inside the engine's runs.
         self.parent.run_seconds += self.engine.run_seconds - before
         self.parent.run_calls += 1
+        if self.has_greedy:  # the other pair now holds the pick (unread) and length + 1
+            self._parity, self._held_ids, self._held_length = 1 - p, None, cache.length + 1
+        else:
+            self._held_ids, self._held_length = ids.copy(), cache.length
 
     def logits(self) -> np.ndarray:
         """The last step's logits [batch, 1, vocab], copied to the host."""
@@ -127,9 +144,10 @@ class StaticDecodeStep:
     def greedy(self) -> tuple[np.ndarray, np.ndarray]:
         """The last step's argmax token per row (int64 [batch]) and its logit (float32 [batch]),
         picked on the device; from the host copy of the logits for graphs without the outputs."""
-        if self.has_greedy:  # copies: on the CPU numpy() views the buffer the next step fills
-            return (self._token.numpy().reshape(-1).copy(),
-                    self._token_logit.numpy().reshape(-1).copy())
+        if self.has_greedy:  # copies: on the CPU numpy() views a buffer a later step fills
+            picks = self._ids[self._parity].numpy().copy()
+            self._held_ids = picks
+            return picks.reshape(-1).copy(), self._token_logit.numpy().reshape(-1).copy()
         logits = np.asarray(self._logits.numpy()[:, -1, :], dtype=np.float32)
         tokens = logits.argmax(axis=-1)
         return tokens, logits[np.arange(len(tokens)), tokens]
@@ -137,6 +155,6 @@ class StaticDecodeStep:
     def replay(self) -> None:
         """Run the step again on its bound buffers as they are (no input refresh, no readback):
         the graph's own time, for profiling."""
-        arena = self.cache.arena
-        binding = self._binding(arena)
-        self.engine.run_binding(binding, self._options[arena])
+        # The pair the last step read: same inputs, so the same outputs are written again.
+        key = (self.cache.arena, 1 - self._parity if self.has_greedy else self._parity)
+        self.engine.run_binding(self._binding(*key), self._options[key])

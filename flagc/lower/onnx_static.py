@@ -14,8 +14,13 @@ token whose KV cache is the max-length buffer shared by past and present
     past_key_values.*        [B, kv, max_seq, d]   bound to the same memory as present.*
     logits                   [B, 1, vocab]  float32 (cast on the device: the host's fp16 -> fp32
                                             conversion of a vocab-wide row costs more than it)
-    greedy_token             [B, 1, 1]      int64    the argmax of the logits (first maximum)
+    greedy_token             [B, 1]         int64    the argmax of the logits (first maximum)
     greedy_logit             [B, 1, 1]      float32  its logit (the runtime's NaN/inf check)
+    next_cache_length        [B]            int32    cache_length + 1
+
+greedy_token and next_cache_length are the next greedy step's input_ids and cache_length: the
+runtime binds them to a second pair of input buffers and alternates, so greedy decoding feeds
+itself on the device and copies nothing to it.
 
 Every GroupQueryAttention reads its per-row lengths from `cache_length` and a constant total of
 max_seq (the kernel attends to cache_length + 1 keys; the mask's padding bias spans all max_seq
@@ -42,13 +47,15 @@ from onnx import TensorProto, helper, numpy_helper
 from flagc.errors import LoweringError
 
 __all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH",
-           "GREEDY_TOKEN", "GREEDY_LOGIT"]
+           "GREEDY_TOKEN", "GREEDY_LOGIT", "NEXT_CACHE_LENGTH"]
 
 CACHE_LENGTH = "cache_length"
 # Greedy decoding reads these instead of the logits: one 8-byte copy back per row, no
 # vocab-wide copy and argmax on the host between two graph replays.
 GREEDY_TOKEN = "greedy_token"
 GREEDY_LOGIT = "greedy_logit"
+NEXT_CACHE_LENGTH = "next_cache_length"
+_ARGMAX = "static_decode.argmax"
 _RAW_LOGITS = "static_decode.logits_model_dtype"
 _TOTAL = "static_decode.total_length"
 _STEP_INPUTS = ("input_ids", "position_ids")
@@ -200,7 +207,8 @@ def _pack_qkv_with_rotary(g: onnx.GraphProto) -> bool:
 
 def _add_greedy_outputs(g: onnx.GraphProto, logits: onnx.ValueInfoProto) -> None:
     """Make `logits` float32 (a Cast when the model computes in fp16/bf16) and add the greedy
-    pick and its logit as outputs. ArgMax keeps the first maximum, as numpy's argmax does."""
+    pick, its logit and the next cache length as outputs (module docstring). ArgMax keeps the
+    first maximum, as numpy's argmax does."""
     tensor = logits.type.tensor_type
     if tensor.elem_type != TensorProto.FLOAT:
         for node in g.node:
@@ -209,13 +217,22 @@ def _add_greedy_outputs(g: onnx.GraphProto, logits: onnx.ValueInfoProto) -> None
                                        to=TensorProto.FLOAT, name="static_decode.logits_fp32"))
         tensor.elem_type = TensorProto.FLOAT
     batch = tensor.shape.dim[0].dim_value
-    g.node.append(helper.make_node("ArgMax", [logits.name], [GREEDY_TOKEN], axis=-1,
-                                   keepdims=1, name="static_decode.greedy_token"))
-    g.node.append(helper.make_node("GatherElements", [logits.name, GREEDY_TOKEN],
-                                   [GREEDY_LOGIT], axis=-1, name="static_decode.greedy_logit"))
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([batch, 1], np.int64), "static_decode.ids_shape"),
+        numpy_helper.from_array(np.array(1, np.int32), "static_decode.one")])
+    g.node.extend([
+        helper.make_node("ArgMax", [logits.name], [_ARGMAX], axis=-1, keepdims=1,
+                         name="static_decode.argmax"),
+        helper.make_node("GatherElements", [logits.name, _ARGMAX], [GREEDY_LOGIT], axis=-1,
+                         name="static_decode.greedy_logit"),
+        helper.make_node("Reshape", [_ARGMAX, "static_decode.ids_shape"], [GREEDY_TOKEN],
+                         name="static_decode.greedy_token"),
+        helper.make_node("Add", [CACHE_LENGTH, "static_decode.one"], [NEXT_CACHE_LENGTH],
+                         name="static_decode.next_cache_length")])
     g.output.extend([
-        helper.make_tensor_value_info(GREEDY_TOKEN, TensorProto.INT64, [batch, 1, 1]),
-        helper.make_tensor_value_info(GREEDY_LOGIT, TensorProto.FLOAT, [batch, 1, 1])])
+        helper.make_tensor_value_info(GREEDY_TOKEN, TensorProto.INT64, [batch, 1]),
+        helper.make_tensor_value_info(GREEDY_LOGIT, TensorProto.FLOAT, [batch, 1, 1]),
+        helper.make_tensor_value_info(NEXT_CACHE_LENGTH, TensorProto.INT32, [batch])])
 
 
 def _trim_optional(inputs: list[str]) -> list[str]:
