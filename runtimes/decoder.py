@@ -88,7 +88,7 @@ class CachedDecoder:
             return None
         key = (rows, True)
         cache = self.cache
-        if key not in self._static_files or not cache.mask[:rows, :cache.length].all():
+        if key not in self._static_files or cache.padded:
             key = (rows, False)
         file = self._static_files.get(key)
         if file is None:

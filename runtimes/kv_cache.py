@@ -96,6 +96,9 @@ class KVCache:
         self.capacity_rows = self.capacity_tokens = 0
         self._cur = 0  # the arena holding the cache (past of the next step)
         self.rows = self.length = 0
+        # Some cached slot is padding (False is exact; True may be stale once a reorder dropped
+        # the padded rows): the decoder's dense-graph test, without a scan of the mask.
+        self.padded = False
         self.mask = np.zeros((0, 0), dtype=np.int64)
         self.tokens = np.zeros((0, 0), dtype=np.int64)
         self.positions = np.zeros(0, dtype=np.int64)
@@ -168,6 +171,7 @@ class KVCache:
         self.mask[:rows] = 0
         self.tokens[:rows] = -1
         self.positions = np.zeros(rows, dtype=np.int64)
+        self.padded = False
 
     def begin_step(self, ids: np.ndarray, valid: np.ndarray | None,
                    mask: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
@@ -189,10 +193,12 @@ class KVCache:
             self.tokens[:rows, self.length:end] = ids
             pos = self.positions[:, None] if s == 1 else self.positions[:, None] + np.arange(s)
         elif s == 1:  # a decode step: each row's next position, no cumsum
+            self.padded = self.padded or not valid.all()
             self.mask[:rows, self.length:end] = valid
             self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
             pos = np.maximum(self.positions[:, None] + (valid - 1), 0)
         else:
+            self.padded = self.padded or not valid.all()
             self.mask[:rows, self.length:end] = valid
             self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
             pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
@@ -245,6 +251,7 @@ class KVCache:
         self.tokens[: self.rows, length:] = -1
         self.length = length
         self.positions = self.mask[: self.rows, :length].sum(axis=1)
+        self.padded = not self.mask[: self.rows, :length].all()
 
     def _move(self, rows: np.ndarray, length: int) -> None:
         # Non-shared: the [rows, kv, T, d] layout depends on T, so trimming is a copy too.

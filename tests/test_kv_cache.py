@@ -179,3 +179,26 @@ def test_bindings_ping_pong_and_the_shared_buffer_seam():
         assert rec.inputs["past_key_values.0.value"][0] == (1, 2, 32, 8)
         shared.commit(ids, valid)
     assert shared.length == 6 and shared.positions.tolist() == [6]
+
+
+def test_padded_tracks_padding_without_scanning_the_mask():
+    """The decoder picks the dense static graph from `padded`: False only when no cached slot of
+    any row is padding (after padded prefills, appends, trims and a new batch)."""
+    cache = KVCache(KVLayout(1, 1, 2, "float32"), max_rows=2, max_tokens=8)
+    cache.reset(2, 8)
+    ids = np.array([[5, 6], [0, 7]])
+    cache.begin_step(ids, np.array([[1, 1], [0, 1]]))  # row 1 left-padded
+    cache.commit(ids, np.array([[1, 1], [0, 1]]))
+    assert cache.padded
+    cache.begin_step(np.array([[1], [2]]), None)
+    cache.commit(np.array([[1], [2]]), None)
+    assert cache.padded and not cache.mask[:2, :3].all()
+    cache.reset(2, 8)
+    cache.begin_step(ids, np.ones_like(ids))
+    cache.commit(ids, np.ones_like(ids))
+    assert not cache.padded
+    cache.begin_step(np.array([[1], [2]]), np.array([[1], [0]]))  # a padded decode slot
+    cache.commit(np.array([[1], [2]]), np.array([[1], [0]]))
+    assert cache.padded
+    cache.trim(2)  # rolled back past it
+    assert not cache.padded and cache.mask[:2, :2].all()
