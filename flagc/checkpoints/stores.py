@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -51,7 +52,13 @@ class WeightStore:
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.origin}: {exc}") \
                 from exc
-        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        if not isinstance(value, np.ndarray):
+            return value
+        if not value.flags.writeable:  # a read-only memory map: flagc reads, never writes it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(value)
+        return torch.from_numpy(value)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
