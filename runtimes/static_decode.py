@@ -8,9 +8,9 @@ the cache's shared buffers. The graphs also return the greedy pick (argmax token
 and the next cache length: greedy decoding copies 12 bytes per row back instead of the logits,
 and nothing forward, because the pick and the length are written into a second pair of
 input buffers that the next step reads (the two pairs alternate, each with its own binding).
-Every address is therefore the same on every step, which is what lets
-onnxruntime record the step once as a CUDA graph and replay it: one launch instead of hundreds
-of kernel dispatches from the host.
+Every address is therefore the same on every step, which is what lets onnxruntime record the
+step once as a CUDA graph and replay it: one launch instead of hundreds of kernel dispatches
+from the host.
 
 The cache has two arenas (kv_cache.py) and beam search or a rolled-back conversation moves it
 from one to the other, so each arena gets its own binding and its own captured graph
