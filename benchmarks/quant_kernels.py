@@ -20,7 +20,6 @@ import statistics
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper

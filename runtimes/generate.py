@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 
 from flagc.errors import RuntimeInputError, SamplingError
 from flagc.runtimes.beam_search import BeamSearch, log_softmax

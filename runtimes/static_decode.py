@@ -14,8 +14,8 @@ from the host.
 
 The cache has two arenas (kv_cache.py) and beam search or a rolled-back conversation moves it
 from one to the other, so each arena and input pair gets its own binding and its own captured
-graph (onnxruntime's `gpu_graph_id`). A step is tied to one cache storage: when the cache reallocates
-(more rows), the decoder makes a new step.
+graph (onnxruntime's `gpu_graph_id`). A step is tied to one cache storage: when the cache
+reallocates (more rows), the decoder makes a new step.
 """
 
 from __future__ import annotations

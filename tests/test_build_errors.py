@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 

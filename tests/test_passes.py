@@ -13,7 +13,7 @@ from flagc.ir.interpreter import interpret
 from flagc.ir.symbolic import eval_dim
 from flagc.ir.text import parse_graph, print_graph
 from flagc.passes import PassContext, run_pipeline
-from flagc.passes.manager import PassError, register_pass, PASSES
+from flagc.passes.manager import PassError, PASSES
 from golden import check_golden
 
 

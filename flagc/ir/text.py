@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from flagc.errors import IRError
-from flagc.ir.graph import Graph, Node, Value
+from flagc.ir.graph import Graph, Value
 from flagc.ir.ops import Op
 from flagc.ir.types import DType, TensorType
 
