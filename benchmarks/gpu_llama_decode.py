@@ -213,7 +213,7 @@ def step_profile(loaded, prompts, rate: float, steps: int = 100) -> dict[str, fl
     out = {"generate": 1e3 / rate,
            "decoder_step": per_step(lambda tok: np.asarray(dec.append(tok)).argmax(-1)),
            "decoder_greedy_step": per_step(lambda tok: dec.append_greedy(tok)[0])}
-    static = next((st for (rows, _), st in dec._static.items() if rows == len(prompts)), None)
+    static = dec.static_step(len(prompts))
     if static is not None:  # replay the captured step as it stands, nothing else
         t = time.perf_counter()
         for _ in range(steps):

@@ -79,7 +79,12 @@ class CachedDecoder:
         raise RuntimeInputError("last_logits: no append_greedy step has run")
 
     # ---- steps -------------------------------------------------------------------------------
-    def _static_step(self, rows: int):
+    def static_step(self, rows: int):
+        """The static decode step already built for `rows` rows (the dense one when both
+        exist), or None: for profiling its graph alone (StaticDecodeStep.replay)."""
+        return self._static.get((rows, True)) or self._static.get((rows, False))
+
+    def _prepare_static_step(self, rows: int):
         """The static decode step for `rows` rows, or None when the artifact has none.
 
         The dense graph (rotary inside the attention, positions = slot indices) only when no
@@ -105,7 +110,7 @@ class CachedDecoder:
         per row instead, picked on the device when a static graph runs the step."""
         cache, b = self.cache, self._binding
         rows, s = ids.shape
-        step = self._static_step(rows) if s == 1 else None
+        step = self._prepare_static_step(rows) if s == 1 else None
         mask, pos = cache.begin_step(ids, valid, mask=step is None)
         if step is not None:
             step.run(ids, pos)

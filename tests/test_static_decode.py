@@ -190,6 +190,8 @@ def test_the_device_greedy_pick_equals_the_host_argmax(artifact, prompts):
         np.testing.assert_allclose(picker.last_logits(), logits, atol=1e-6)  # still there
         tokens = got
     assert all(step.has_greedy for step in picker._static.values()) and picker._static
+    assert picker.static_step(len(prompts)) in picker._static.values()
+    assert picker.static_step(3) is None
 
 
 def test_steps_that_feed_themselves_mix_with_host_fed_steps(artifact):
