@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
-
 from flagc.errors import RuntimeInputError, SamplingError
 from flagc.runtimes.beam_search import BeamSearch, log_softmax
 from flagc.runtimes.decoder import CachedDecoder, check_prompts, left_pad, positions_from_mask
