@@ -1,6 +1,8 @@
 """Every op's ONNX lowering against its reference implementation (the interpreter), through
 onnxruntime with graph optimizations off, plus the pytorch_model.bin checkpoint path."""
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -151,3 +153,37 @@ def test_pytorch_model_bin_checkpoint(tiny_llama, tmp_path):
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(flagc.load(out).forward(ids)["logits"] - ref).max() < 1e-4
+
+
+def test_residual_layer_norm_stays_unfused_on_the_cpu(tmp_path):
+    """Residual + LayerNorm lowers to Add + LayerNormalization, not onnxruntime's
+    SkipLayerNormalization (3-4x slower on the CPU), and onnxruntime's own optimizer does not
+    fuse the pair back; the embeddings still match transformers."""
+    from collections import Counter
+
+    import onnx
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)
+    hf = transformers.BertModel(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "bert"))
+    for packed in (True, False):
+        art = str(tmp_path / f"art{packed}")
+        flagc.build(str(tmp_path / "bert"), "onnx-fp32", art, task="embedding",
+                    pass_options={"pack_tokens": packed})
+        path = os.path.join(art, "model.onnx")
+        opts = ort.SessionOptions()  # onnxruntime's default (all) optimizations, as flagc runs
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(path, opts)
+        for model in (path, str(tmp_path / "opt.onnx")):
+            ops = Counter(n.op_type for n in onnx.load(model).graph.node)
+            assert ops["LayerNormalization"] == 5 and not ops["SkipLayerNormalization"], ops
+        ids = np.random.default_rng(0).integers(1, 100, (2, 9))
+        got = flagc.load(art).forward(ids)["last_hidden_state"]
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)
