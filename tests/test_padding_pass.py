@@ -151,16 +151,9 @@ def test_decoders_with_a_kv_cache_are_left_alone(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["onnx-fp32", "onnx-int8"])
-def test_zoo_bert_embedding_matches_transformers_at_real_tokens(tmp_path, target):
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=64)
-    hf = transformers.BertModel(cfg).eval()
-    hf.save_pretrained(str(tmp_path / "bert"))
-    r = flagc.build(str(tmp_path / "bert"), target, str(tmp_path / "art"), task="embedding")
+def test_zoo_bert_embedding_matches_transformers_at_real_tokens(tmp_path, tiny_bert, target):
+    folder, hf = tiny_bert
+    r = flagc.build(folder, target, str(tmp_path / "art"), task="embedding")
     # per layer one unpack (before attention) and one pack (after); the embeddings' sum packs
     assert r["graph"]["ops"]["unpack_tokens"] == 3
     ids = np.random.default_rng(0).integers(1, 100, (3, 10))
