@@ -15,7 +15,13 @@ import numpy as np
 
 from flagc.errors import ArtifactError, RuntimeInputError
 
-__all__ = ["OrtEngine", "OrtBinding"]
+__all__ = ["OrtEngine", "OrtBinding", "CPU_DISABLED_OPTIMIZERS"]
+
+# flagc lowers residual + LayerNorm as Add + LayerNormalization (flagc/lower/onnx_ops.py
+# _add_norm): onnxruntime's CPU SkipLayerNormalization kernel is 3-4x slower than the pair.
+# Its optimizer fuses the pair back where shapes are static, so CPU sessions turn that fusion
+# off; CUDA sessions keep it (one kernel there, measured as fast as or faster than the pair).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 class OrtEngine:
@@ -46,8 +52,10 @@ class OrtEngine:
             providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         elif device != "cpu":
             raise RuntimeInputError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+        disabled = list(CPU_DISABLED_OPTIMIZERS) if device == "cpu" else []
         try:
-            self.session = ort.InferenceSession(path, opts, providers=providers)
+            self.session = ort.InferenceSession(path, opts, providers=providers,
+                                                disabled_optimizers=disabled)
         except Exception as exc:
             raise ArtifactError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         self.device = device

@@ -181,3 +181,46 @@ def test_residual_layer_norm_stays_unfused_on_the_cpu(tmp_path, tiny_bert):
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
         np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_cpu_sessions_keep_add_layer_norm_unfused(tmp_path, monkeypatch):
+    """With static shapes onnxruntime's optimizer fuses Add + LayerNormalization into the slow
+    CPU SkipLayerNormalization; flagc's CPU engines disable that fusion."""
+    from collections import Counter
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from flagc.runtimes.ort_engine import CPU_DISABLED_OPTIMIZERS, OrtEngine
+
+    shape = [2, 4, 8]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "r"], ["s"]),
+         helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "r")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.ones(8, np.float32), "g"),
+         numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+
+    def fused_ops(disabled):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(tmp_path / "m.onnx"), opts, disabled_optimizers=disabled)
+        return Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+    assert fused_ops([])["SkipLayerNormalization"] == 1  # onnxruntime's default
+    assert fused_ops(list(CPU_DISABLED_OPTIMIZERS))["LayerNormalization"] == 1
+    seen = {}
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    OrtEngine(str(tmp_path), {"engine": "m.onnx"}, "cpu")
+    assert seen["disabled_optimizers"] == list(CPU_DISABLED_OPTIMIZERS)

@@ -193,8 +193,9 @@ def _add_norm(ctx, node, ins, outs):
         return
     # LayerNorm stays Add + LayerNormalization even with contrib ops: onnxruntime's CPU
     # SkipLayerNormalization kernel is 3-4x slower than the pair (fp32 [8, 128, 384]: 1.73 vs
-    # 0.41 ms; [1, 1, 576]: 8.2 vs 3.6 us), and its optimizer leaves the pair unfused here.
-    # (The RMS form above is as fast fused as unfused on the CPU, and one kernel on CUDA.)
+    # 0.41 ms; [1, 1, 576]: 8.2 vs 3.6 us). CUDA sessions fuse the pair into it (one kernel);
+    # CPU sessions keep that fusion off (runtimes/ort_engine.py). The RMS form above is as
+    # fast fused as unfused on the CPU.
     em.op("Add", ins[:2], [outs[1]])
     norm_ins = [outs[1]] + list(ins[2:])
     if kind == "rms":
