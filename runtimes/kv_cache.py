@@ -192,16 +192,13 @@ class KVCache:
             self.mask[:rows, self.length:end] = 1
             self.tokens[:rows, self.length:end] = ids
             pos = self.positions[:, None] if s == 1 else self.positions[:, None] + np.arange(s)
-        elif s == 1:  # a decode step: each row's next position, no cumsum
-            self.padded = self.padded or not valid.all()
-            self.mask[:rows, self.length:end] = valid
-            self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
-            pos = np.maximum(self.positions[:, None] + (valid - 1), 0)
         else:
             self.padded = self.padded or not valid.all()
             self.mask[:rows, self.length:end] = valid
             self.tokens[:rows, self.length:end] = np.where(valid != 0, ids, -1)
-            pos = np.maximum(self.positions[:, None] + np.cumsum(valid, axis=1) - 1, 0)
+            # a decode step: each row's next position, no cumsum
+            steps = valid - 1 if s == 1 else np.cumsum(valid, axis=1) - 1
+            pos = np.maximum(self.positions[:, None] + steps, 0)
         step_mask = np.ascontiguousarray(self.mask[:rows, :end]) if mask else None
         return step_mask, pos.astype(np.int64, copy=False)
 
