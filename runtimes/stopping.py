@@ -67,8 +67,7 @@ class StopChecker:
                 f"stop_strings={tuple(stop_strings)!r} need a tokenizer_decode function to "
                 "see the text; pass the tokenizer's decode"
             )
-        self.stop_token_ids = np.array(sorted(set(int(t) for t in stop_token_ids)), dtype=np.int64)
-        self._stop_set = frozenset(self.stop_token_ids.tolist())
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.stop_strings = tuple(stop_strings)
         self._longest = max((len(s) for s in self.stop_strings), default=0)
         self._decode = tokenizer_decode
@@ -100,7 +99,7 @@ class StopChecker:
         # np.isin sorts), which matter next to a GPU decode step of a millisecond.
         ids = tokens.tolist()
         for row, token in enumerate(ids):
-            if token in self._stop_set and not self.stopped[row]:
+            if token in self.stop_token_ids and not self.stopped[row]:
                 self._end(row, STOP_TOKEN)
         if self._decode is not None:
             for row in np.flatnonzero(~self.stopped):
