@@ -23,7 +23,7 @@ import numpy as np
 from flagc.errors import RuntimeInputError
 
 from .kv_cache import KVCache, KVLayout
-from .static_decode import StaticDecodeStep, static_graphs
+from .static_decode import StaticDecodeStep, host_greedy, static_graphs
 
 __all__ = ["CachedDecoder", "left_pad", "positions_from_mask"]
 
@@ -138,10 +138,9 @@ class CachedDecoder:
             out = b.outputs()[0].numpy()
         cache.commit(ids, valid)
         if greedy:
-            last = np.asarray(out[:, -1, :], dtype=np.float32)
+            last = out[:, -1, :]
             self.last_logits = lambda: last
-            tokens = last.argmax(axis=-1)
-            return tokens, last[np.arange(rows), tokens]
+            return host_greedy(last)
         return out[:, -1, :]
 
     def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int, reserve: int,

@@ -30,7 +30,7 @@ from flagc.lower.onnx_static import GREEDY_LOGIT, GREEDY_TOKEN, NEXT_CACHE_LENGT
 from .kv_cache import KVCache
 from .ort_engine import OrtEngine
 
-__all__ = ["StaticDecodeStep", "static_graphs"]
+__all__ = ["StaticDecodeStep", "static_graphs", "host_greedy"]
 
 
 def static_graphs(manifest: dict[str, Any]) -> dict[tuple[int, bool], str]:
@@ -41,6 +41,14 @@ def static_graphs(manifest: dict[str, Any]) -> dict[tuple[int, bool], str]:
     out = {(int(b), False): f for b, f in info.get("graphs", {}).items()}
     out.update({(int(b), True): f for b, f in info.get("dense_graphs", {}).items()})
     return out
+
+
+def host_greedy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy pick on the host: per row of logits [rows, vocab], the argmax token (first
+    maximum, as the graphs' ArgMax) and its logit as float32."""
+    x = np.asarray(logits, dtype=np.float32)
+    tokens = x.argmax(axis=-1)
+    return tokens, x[np.arange(len(tokens)), tokens]
 
 
 class StaticDecodeStep:
@@ -148,9 +156,7 @@ class StaticDecodeStep:
             picks = self._ids[self._parity].numpy().copy()
             self._held_ids = picks
             return picks.reshape(-1).copy(), self._token_logit.numpy().reshape(-1).copy()
-        logits = np.asarray(self._logits.numpy()[:, -1, :], dtype=np.float32)
-        tokens = logits.argmax(axis=-1)
-        return tokens, logits[np.arange(len(tokens)), tokens]
+        return host_greedy(self._logits.numpy()[:, -1, :])
 
     def replay(self) -> None:
         """Run the step again on its bound buffers as they are (no input refresh, no readback):
