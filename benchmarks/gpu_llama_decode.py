@@ -7,6 +7,8 @@ batch 1 and batch 8, a 128-token prompt, 256 greedy new tokens (EOS suppressed).
 
 Engines, measured in this one process on the same weights and prompts:
 - flagc: `flagc.build(folder, "onnx-fp16", out)`, `flagc.load(out, device="cuda").generate(...)`
+- flagc-kernels: the same with `gpu_kernels="flagc"` (static decode graphs of up to 4 rows
+  multiply with flagc's own CUDA kernels, runtimes/cuda_ops; larger batches as flagc)
 - transformers eager (DynamicCache)
 - transformers with a static cache + torch.compile (transformers compiles the forward itself
   once `generation_config.cache_implementation = "static"`, as in the anchor)
@@ -55,9 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--engines", default="flagc,flagc-dynamic,eager,compile",
-                    help="flagc (static decode graphs: CUDA graphs on cuda), flagc-dynamic, "
-                         "eager, compile")
+    ap.add_argument("--engines", default=None,
+                    help="flagc (static decode graphs: CUDA graphs on cuda), flagc-kernels "
+                         "(the same on flagc's CUDA kernels; onnx-fp16 only), flagc-dynamic, "
+                         "eager, compile (default: all that the target allows)")
     ap.add_argument("--work", default=None, help="folder for the model and artifact "
                     "(reused when present; default out/gpu-llama[-tiny])")
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
@@ -73,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.target = args.target or ("onnx-fp32" if args.tiny else "onnx-fp16")
     args.work = args.work or os.path.join("out", "gpu-llama-tiny" if args.tiny else "gpu-llama")
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    args.engines = [e.strip() for e in (args.engines or ",".join(
+        ("flagc", "flagc-kernels", "flagc-dynamic", "eager", "compile")
+        if args.target == "onnx-fp16" else ("flagc", "flagc-dynamic", "eager", "compile")))
+        .split(",") if e.strip()]
     if args.tiny:
         args.new_tokens = min(args.new_tokens, 48)
         args.prompt_len = min(args.prompt_len, 32)
@@ -93,9 +99,10 @@ def save_model(folder: str, config: dict) -> None:
     model.half().save_pretrained(folder)
 
 
-def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: list[int]) -> float:
-    """Build once (reused when the artifact has the same target, limits and decode graphs);
-    returns seconds. Every measured batch size gets a static decode graph (CUDA graph)."""
+def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: list[int],
+                gpu_kernels: str = "onnxruntime") -> float:
+    """Build once (reused when the artifact has the same target, limits, decode graphs and
+    kernels); returns seconds. Every measured batch size gets a static decode graph."""
     import flagc
 
     manifest = os.path.join(out, "manifest.json")
@@ -105,11 +112,12 @@ def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: li
         graphs = (m.get("static_decode") or {}).get("graphs", {})
         if (m["target"]["name"] == target and m["dims"]["max_seq"] == max_seq
                 and m["dims"]["max_batch"] >= max(batches)
-                and all(str(b) in graphs for b in batches)):
+                and all(str(b) in graphs for b in batches)
+                and bool(m.get("custom_ops")) == (gpu_kernels == "flagc")):
             return 0.0
     t = time.perf_counter()
     flagc.build(model_dir, target, out, max_seq=max_seq, max_batch=max(batches),
-                decode_graphs=batches)
+                decode_graphs=batches, gpu_kernels=gpu_kernels)
     return time.perf_counter() - t
 
 
@@ -255,11 +263,16 @@ def main(argv=None) -> dict:
                      "out with --engines eager,compile")
     config = TINY if args.tiny else FULL
     model_dir = os.path.join(args.work, "model")
-    art = os.path.join(args.work, args.target)
+    arts = {"flagc": os.path.join(args.work, args.target),
+            "flagc-kernels": os.path.join(args.work, args.target + "-flagc-kernels")}
+    arts["flagc-dynamic"] = arts["flagc"]
     save_model(model_dir, config)
     max_seq = args.prompt_len + args.new_tokens
-    build_s = build_flagc(model_dir, args.target, art, max_seq, args.batches) \
-        if any(e.startswith("flagc") for e in args.engines) else 0.0
+    build_s = 0.0
+    for engine, kernels in (("flagc", "onnxruntime"), ("flagc-kernels", "flagc")):
+        if engine in args.engines or (engine == "flagc" and "flagc-dynamic" in args.engines):
+            build_s += build_flagc(model_dir, args.target, arts[engine], max_seq, args.batches,
+                                   kernels)
 
     hf_dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=hf_dtype)
@@ -278,10 +291,11 @@ def main(argv=None) -> dict:
     tokens: dict[str, dict[int, list]] = {}
     profile: dict[str, dict[int, dict]] = {}
 
-    for engine in ("flagc", "flagc-dynamic"):
+    for engine in FLAGC_ENGINES:
         if engine not in args.engines:
             continue
-        loaded = flagc.load(art, device=args.device, static_decode=engine == "flagc")
+        loaded = flagc.load(arts[engine], device=args.device,
+                            static_decode=engine != "flagc-dynamic")
         run = flagc_runner(loaded)
         for b in args.batches:
             rates.setdefault(engine, {})[b], tokens.setdefault(engine, {})[b] = \
@@ -314,7 +328,7 @@ def main(argv=None) -> dict:
         "profile_ms": {k: {str(b): v for b, v in d.items()} for k, d in profile.items()},
         "agreement_first_32": {e: {str(b): agreement(tokens[e][b], tokens["eager"][b])
                                    for b in args.batches}
-                               for e in ("flagc", "flagc-dynamic") if e in tokens},
+                               for e in FLAGC_ENGINES if e in tokens},
     }
     print(markdown(result, args.batches))
     if args.json:
@@ -323,7 +337,10 @@ def main(argv=None) -> dict:
     return result
 
 
+FLAGC_ENGINES = ("flagc", "flagc-kernels", "flagc-dynamic")
 NAMES = {"flagc": "flagc ({target}, onnxruntime {ep}, static decode graph{graphs})",
+         "flagc-kernels": "flagc ({target}, onnxruntime {ep} + flagc's CUDA kernels, static "
+                          "decode graph{graphs})",
          "flagc-dynamic": "flagc ({target}, onnxruntime {ep}, dynamic graph)",
          "eager": "transformers eager",
          "compile": "transformers static cache + torch.compile"}

@@ -70,6 +70,9 @@ def build(
     decode_graphs: Optional[str] = typer.Option(
         None, "--decode-graphs", help="comma-separated batch sizes that get a static decode "
         "graph (replayed as a CUDA graph on GPU), e.g. 1,8"),
+    gpu_kernels: str = typer.Option(
+        "onnxruntime", "--gpu-kernels", help="'flagc': static decode graphs of up to 4 rows "
+        "use flagc's own CUDA kernels (compiled with nvcc on first use; onnx-fp16)"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -90,7 +93,8 @@ def build(
                        frontend=frontend, dump_ir=dump_ir, check=check,
                        passes=passes.split(",") if passes else None,
                        pass_options=_pass_options(pass_option), quant_block=quant_block,
-                       report=report, decode_graphs=_int_list(decode_graphs, "--decode-graphs"))
+                       report=report, decode_graphs=_int_list(decode_graphs, "--decode-graphs"),
+                       gpu_kernels=gpu_kernels)
     if not quiet:
         for p in result["build"]["passes"]:
             if p["rewrites"]:

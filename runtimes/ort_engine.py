@@ -43,6 +43,11 @@ class OrtEngine:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        custom = manifest.get("custom_ops") or {}
+        if os.path.basename(path) in custom.get("files", ()):
+            from flagc.runtimes import cuda_ops
+
+            cuda_ops.register(opts)  # compiles flagc's kernels on this machine's first use
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

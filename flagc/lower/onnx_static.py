@@ -39,12 +39,16 @@ the kernel's fastest path (no bias). The runtime takes it whenever the batch has
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from flagc.errors import LoweringError
+from flagc.lower.onnx_decode_gemv import DATA_FILE as GEMV_DATA
+from flagc.lower.onnx_decode_gemv import DOMAIN as GEMV_DOMAIN
+from flagc.lower.onnx_decode_gemv import MAX_ROWS, TransposedWeights, use_decode_gemv
 
 __all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH",
            "GREEDY_TOKEN", "GREEDY_LOGIT", "NEXT_CACHE_LENGTH"]
@@ -70,28 +74,38 @@ def dense_decode_file(batch: int) -> str:
 
 
 def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
-                         label: str = "") -> dict[str, dict[str, str]]:
+                         label: str = "", gpu_kernels: str = "onnxruntime") -> dict[str, Any]:
     """Write the static decode graphs for `batches` beside `engine_path`:
     {"graphs": {batch: file}, "dense_graphs": {batch: file}}. The dynamic graph is read once;
     a dense variant (module docstring) is written where the attention has the packable form
     (merged q|k|v projection, split, rotary on q and k).
+    gpu_kernels="flagc": graphs of up to onnx_decode_gemv.MAX_ROWS rows multiply with flagc's
+    DecodeGemv kernels; the result then also has "custom_ops": {"domain", "files"} (the graphs
+    that need the kernel library loaded) and "data": the transposed weights' file.
     `label` names the model in error messages (the engine path is a temp folder's)."""
     template = onnx.load(engine_path, load_external_data=False)
     _check_supported(template.graph, label or engine_path)
     folder = os.path.dirname(engine_path)
-    out: dict[str, dict[str, str]] = {"graphs": {}, "dense_graphs": {}}
+    gemv = TransposedWeights(folder) if gpu_kernels == "flagc" else None
+    out: dict[str, Any] = {"graphs": {}, "dense_graphs": {}}
+    custom: list[str] = []
     for batch in batches:
-        out["graphs"][str(batch)] = _write_variant(template, folder, batch, max_seq, False)
-        dense = _write_variant(template, folder, batch, max_seq, True)
-        if dense:
-            out["dense_graphs"][str(batch)] = dense
+        use_gemv = gemv if batch <= MAX_ROWS else None
+        for kind, dense in (("graphs", False), ("dense_graphs", True)):
+            name = _write_variant(template, folder, batch, max_seq, dense, use_gemv)
+            if name:
+                out[kind][str(batch)] = name
+                custom += [name] if use_gemv else []
+    if custom:
+        out["custom_ops"] = {"domain": GEMV_DOMAIN, "files": custom}
+        out["data"] = [GEMV_DATA]
     return out
 
 
 def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: int,
-                   dense: bool) -> str | None:
+                   dense: bool, gemv: TransposedWeights | None = None) -> str | None:
     """One static graph specialized from (a copy of) `template`; None when `dense` and the
-    graph does not pack."""
+    graph does not pack. `gemv`: multiply with flagc's DecodeGemv (onnx_decode_gemv.py)."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
     g = model.graph
@@ -117,6 +131,8 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
             node.input[5], node.input[6] = CACHE_LENGTH, _TOTAL
     if dense and not _pack_qkv_with_rotary(g):
         return None
+    if gemv is not None:
+        use_decode_gemv(model, gemv)
     _drop_dead(g)
     if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:
         return None  # positions used elsewhere (e.g. learned embeddings): the runtime's
