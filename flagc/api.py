@@ -122,7 +122,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                                   **({"external_threshold": 0} if decode_graphs else {}))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
                                           decode_graphs, max_seq, gpu_kernels)
-            files += [f for kind in ("graphs", "dense_graphs") for f in static[kind].values()]
+            files += [f for kind in ("graphs", "dense_graphs")
+                      for f in static.get(kind, {}).values()]
             files += static.pop("data", [])
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
                 _optimize(extra, tgt, None, check, passes, pass_options)

@@ -122,7 +122,7 @@ decode_gemv_kernel(const __half* __restrict__ x, const __half* __restrict__ w,
           upv += __half2float(bias[row + n_out]);
         }
         const float g16 = __half2float(__float2half(gate));
-        const __half silu = __float2half(g16 / (1.f + __expf(-g16)));
+        const __half silu = __float2half(g16 / (1.f + expf(-g16)));
         y[r * ldy + row] = __hmul(silu, __float2half(upv));
       }
     } else if (lane == r) {
