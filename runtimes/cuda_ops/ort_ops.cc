@@ -10,8 +10,8 @@
 // captured into CUDA graphs like any built-in kernel) and for the CPU provider (a plain loop with
 // the same rounding), so a graph using the op also runs, and is tested, on a machine without a
 // GPU. Written against onnxruntime's C API (third_party/onnxruntime_c_api.h), which keeps its
-// ABI across releases: the op asks for the API version of that header and runs on any
-// onnxruntime at least as new.
+// ABI across releases: everything used here exists since API version 16 (onnxruntime 1.16), so
+// the ops ask for that version and run on any onnxruntime since.
 
 #include <cuda_fp16.h>
 
@@ -29,6 +29,7 @@ extern "C" int flagc_decode_gemv(const void* x, const void* w, const void* bias,
 
 namespace {
 
+constexpr uint32_t kApiVersion = 16;  // CreateKernelV2 / KernelComputeV2 arrived in 16
 const OrtApi* g_api = nullptr;
 
 struct Kernel {
@@ -182,7 +183,7 @@ void ORT_API_CALL release_pairs(int*, int*) {}
 
 Op make_op(bool cuda) {
   Op op{};
-  op.version = ORT_API_VERSION;
+  op.version = kApiVersion;
   op.GetName = op_name;
   op.GetExecutionProviderType = op_provider;
   op.GetInputType = fp16_type;
@@ -217,10 +218,10 @@ Op g_cpu_op = make_op(false);
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  g_api = api_base->GetApi(ORT_API_VERSION);
+  g_api = api_base->GetApi(kApiVersion);
   if (g_api == nullptr) {
-    std::fprintf(stderr, "flagc CUDA ops: this onnxruntime is older than the C API version %d "
-                         "they were built against\n", ORT_API_VERSION);
+    std::fprintf(stderr, "flagc CUDA ops: need onnxruntime 1.16 or newer (C API version %u)\n",
+                 kApiVersion);
     return nullptr;  // no API to report through; session creation then names the unknown op
   }
   OrtCustomOpDomain* domain = nullptr;
