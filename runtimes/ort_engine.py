@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,11 @@ class OrtEngine:
             from flagc.runtimes import cuda_ops
 
             cuda_ops.register(opts)  # compiles flagc's kernels on this machine's first use
+            if device == "cpu":
+                warnings.warn(f"{os.path.basename(path)} uses flagc's CUDA decode kernels "
+                              "(--gpu-kernels flagc); on the CPU they run as a plain loop, "
+                              "correct but slow: load with device='cuda', or rebuild without "
+                              "--gpu-kernels", RuntimeWarning, stacklevel=2)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

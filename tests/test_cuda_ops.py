@@ -19,8 +19,10 @@ import flagc
 from flagc.errors import ConfigError, ResourceError
 from flagc.runtimes import cuda_ops
 
-pytestmark = pytest.mark.skipif(cuda_ops.find_nvcc() is None,
-                                reason="no nvcc: flagc's CUDA kernels cannot be compiled here")
+pytestmark = [pytest.mark.skipif(cuda_ops.find_nvcc() is None,
+                                 reason="no nvcc: flagc's CUDA kernels cannot be compiled here"),
+              # the artifacts here are for CUDA; on the CPU the runtime says so, once per graph
+              pytest.mark.filterwarnings("ignore:.*uses flagc's CUDA decode kernels")]
 
 
 def _gemv_session(w, b=None, gated=0, x_shape=(2, 3, 64)):
@@ -146,6 +148,12 @@ def test_generation_equals_onnxruntime_kernels(artifacts, prompts):
         return r.token_ids if hasattr(r, "token_ids") else [x.token_ids for x in r]
 
     assert ids(ours) == ids(ref)
+
+
+def test_loading_on_the_cpu_warns_that_the_kernels_are_for_cuda(artifacts):
+    model = flagc.load(artifacts["flagc"])
+    with pytest.warns(RuntimeWarning, match="on the CPU they run as a plain loop"):
+        model.generate([1, 2, 3], max_new_tokens=2)
 
 
 def test_linear_bias_folds_into_the_kernel(tiny_qwen2, tmp_path):
