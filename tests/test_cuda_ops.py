@@ -179,3 +179,21 @@ def test_gpu_kernels_option_errors(tiny_llama, tmp_path, target, kw, match):
         flagc.build(tiny_llama, "onnx-fp16", str(tmp_path / "y"), gpu_kernels="cutlass",
                     decode_graphs=[1])
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_cli_builds_with_flagc_kernels_and_names_bad_values(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from flagc.cli import app
+
+    out = str(tmp_path / "cli")
+    res = CliRunner().invoke(app, ["build", "-m", tiny_llama, "-o", out, "-t", "onnx-fp16",
+                                   "--max-seq", "64", "--decode-graphs", "1",
+                                   "--gpu-kernels", "flagc"])
+    assert res.exit_code == 0, res.output
+    assert flagc.load(out).manifest["custom_ops"]["files"] == ["decode-b1.onnx",
+                                                              "decode-b1-dense.onnx"]
+    res = CliRunner().invoke(app, ["build", "-m", tiny_llama, "-o", str(tmp_path / "bad"),
+                                   "-t", "onnx-fp16", "--decode-graphs", "1",
+                                   "--gpu-kernels", "triton"])
+    assert res.exit_code == 1 and "--gpu-kernels must be 'onnxruntime' or 'flagc'" in res.output
