@@ -1,4 +1,4 @@
-"""flagc's decode GEMV kernels (runtimes/cuda_ops/decode_gemv.cu) against cuBLAS, on one GPU.
+"""flagc's decode GEMV kernels (runtimes/kernels/decode_gemv.cu) against cuBLAS, on one GPU.
 
 For each projection shape of the 1.1 B LLaMA (gpu_llama_decode.py) at 1 and 8 activation rows:
 the kernel's result against PyTorch's (max abs difference), and microseconds per product of
@@ -29,14 +29,14 @@ def load_library(defines: str = ""):
     import subprocess
     import tempfile
 
-    from flagc.runtimes import cuda_ops
+    from flagc.runtimes import kernels
 
     if not defines:
-        return ctypes.CDLL(cuda_ops.library_path())
-    src = os.path.join(os.path.dirname(cuda_ops.__file__), "decode_gemv.cu")
+        return ctypes.CDLL(kernels.library_path())
+    src = os.path.join(os.path.dirname(kernels.__file__), "decode_gemv.cu")
     out = os.path.join(tempfile.mkdtemp(), "variant.so")
     flags = [f"-DFLAGC_GEMV_{d}" for d in defines.split(",")]
-    subprocess.run([cuda_ops.find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+    subprocess.run([kernels.find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
                     "-gencode", "arch=compute_90,code=sm_90", *flags, src, "-o", out], check=True)
     return ctypes.CDLL(out)
 

@@ -9,7 +9,7 @@ each flagc path, and every step's logits are compared with transformers fp32 on 
 Paths: `dynamic` (artifact without decode graphs: growing KV tensors), `shared` (the artifact
 with decode graphs, every step through the dynamic graph over the shared max-length KV buffer),
 `static` (the same artifact, one-token steps through the static decode graph: a CUDA graph on
-cuda), `static-kernels` (an onnx-fp16 artifact built with --gpu-kernels flagc: the static graph
+cuda), `static-kernels` (an onnx-fp16 artifact built with --kernels flagc: the static graph
 multiplies with flagc's own CUDA kernels; not with --tiny, whose target is onnx-fp32).
 
     python benchmarks/gpu_decode_parity.py --work /tmp/gpuw            # on the GPU host
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     kernels = os.path.join(work, f"{target}-parity-kernels")
     if target == "onnx-fp16":
         flagc.build(model_dir, target, kernels, max_seq=max_seq, max_batch=args.batch,
-                    decode_graphs=[args.batch], gpu_kernels="flagc")
+                    decode_graphs=[args.batch], kernels="flagc")
 
     rng = np.random.default_rng(1)
     ids = rng.integers(3, config["vocab_size"], (args.batch, args.prompt_len + args.steps))

@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--static", type=int, default=1, help="0: the dynamic graph")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--gpu-kernels", default="onnxruntime", choices=("onnxruntime", "flagc"),
+    ap.add_argument("--kernels", default="onnxruntime", choices=("onnxruntime", "flagc"),
                     help="flagc: the artifact built with flagc's CUDA kernels")
     args = ap.parse_args(argv)
     import torch
@@ -33,11 +33,11 @@ def main(argv=None) -> None:
 
     import flagc
 
-    suffix = "-flagc-kernels" if args.gpu_kernels == "flagc" else ""
+    suffix = "-flagc-kernels" if args.kernels == "flagc" else ""
     model_dir = os.path.join(args.work, "model")
     art = os.path.join(args.work, "onnx-fp16" + suffix)
     bench.save_model(model_dir, bench.FULL)
-    bench.build_flagc(model_dir, "onnx-fp16", art, 128 + 256, [1, 8], args.gpu_kernels)
+    bench.build_flagc(model_dir, "onnx-fp16", art, 128 + 256, [1, 8], args.kernels)
     loaded = flagc.load(art, device="cuda", static_decode=bool(args.static))
     dec = loaded.decoder
     prompts = np.random.default_rng(0).integers(3, 32000, (args.batch, 128)).tolist()

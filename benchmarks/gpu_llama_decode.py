@@ -7,8 +7,8 @@ batch 1 and batch 8, a 128-token prompt, 256 greedy new tokens (EOS suppressed).
 
 Engines, measured in this one process on the same weights and prompts:
 - flagc: `flagc.build(folder, "onnx-fp16", out)`, `flagc.load(out, device="cuda").generate(...)`
-- flagc-kernels: the same with `gpu_kernels="flagc"` (static decode graphs of up to 4 rows
-  multiply with flagc's own CUDA kernels, runtimes/cuda_ops; larger batches as flagc)
+- flagc-kernels: the same with `kernels="flagc"` (static decode graphs of up to 4 rows
+  multiply with flagc's own CUDA kernels, runtimes/kernels; larger batches as flagc)
 - transformers eager (DynamicCache)
 - transformers with a static cache + torch.compile (transformers compiles the forward itself
   once `generation_config.cache_implementation = "static"`, as in the anchor)
@@ -100,7 +100,7 @@ def save_model(folder: str, config: dict) -> None:
 
 
 def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: list[int],
-                gpu_kernels: str = "onnxruntime") -> float:
+                kernels: str = "onnxruntime") -> float:
     """Build once (reused when the artifact has the same target, limits, decode graphs and
     kernels); returns seconds. Every measured batch size gets a static decode graph."""
     import flagc
@@ -113,11 +113,11 @@ def build_flagc(model_dir: str, target: str, out: str, max_seq: int, batches: li
         if (m["target"]["name"] == target and m["dims"]["max_seq"] == max_seq
                 and m["dims"]["max_batch"] >= max(batches)
                 and all(str(b) in graphs for b in batches)
-                and bool(m.get("custom_ops")) == (gpu_kernels == "flagc")):
+                and bool(m.get("custom_ops")) == (kernels == "flagc")):
             return 0.0
     t = time.perf_counter()
     flagc.build(model_dir, target, out, max_seq=max_seq, max_batch=max(batches),
-                decode_graphs=batches, gpu_kernels=gpu_kernels)
+                decode_graphs=batches, kernels=kernels)
     return time.perf_counter() - t
 
 

@@ -39,7 +39,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           check_resources: bool = True, model_dir: Optional[str] = None,
           frontend: str = "auto", pass_options: Optional[dict[str, Any]] = None,
           quant_block: Optional[int] = None, report: bool = False,
-          decode_graphs: Optional[list[int]] = None, gpu_kernels: str = "onnxruntime",
+          decode_graphs: Optional[list[int]] = None, kernels: str = "onnxruntime",
           ) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
@@ -74,16 +74,16 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         decode_graphs: batch sizes that also get a static-shape decode graph
             (flagc/lower/onnx_static.py), which the CUDA runtime replays as a CUDA graph; the
             KV cache then lives in max_seq-long buffers shared by past and present.
-        gpu_kernels: "onnxruntime" (its kernels only) or "flagc": static decode graphs of up to
-            4 rows multiply with flagc's own CUDA kernels (runtimes/cuda_ops), an onnxruntime
-            custom-op library compiled with nvcc on first use; onnx-fp16 only.
+        kernels: "onnxruntime" (its kernels only) or "flagc": static decode graphs of up to
+            4 rows multiply with flagc's own CUDA kernels (runtimes/kernels, an onnxruntime
+            custom-op library compiled with nvcc on first use); onnx-fp16 only.
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
     decode_graphs = _checked_decode_graphs(decode_graphs, tgt, max_batch)
-    _check_gpu_kernels(gpu_kernels, tgt, decode_graphs)
+    _check_kernels(kernels, tgt, decode_graphs)
     source, graph, config, graph_source = _frontend(model, custom, random_weights, seed, task,
                                                     model_dir, frontend)
     positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
@@ -121,7 +121,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file),
                                   **({"external_threshold": 0} if decode_graphs else {}))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
-                                          decode_graphs, max_seq, gpu_kernels)
+                                          decode_graphs, max_seq, kernels)
             files += [f for kind in ("graphs", "dense_graphs")
                       for f in static.get(kind, {}).values()]
             files += static.pop("data", [])
@@ -167,21 +167,21 @@ def _checked_decode_graphs(batches: Optional[list[int]], tgt, max_batch: int) ->
     return sorted({int(b) for b in batches})
 
 
-def _check_gpu_kernels(gpu_kernels: str, tgt, decode_graphs: list[int]) -> None:
-    if gpu_kernels == "onnxruntime":
+def _check_kernels(kernels: str, tgt, decode_graphs: list[int]) -> None:
+    if kernels == "onnxruntime":
         return
-    if gpu_kernels != "flagc":
-        raise ConfigError(f"--gpu-kernels must be 'onnxruntime' or 'flagc', not {gpu_kernels!r}")
+    if kernels != "flagc":
+        raise ConfigError(f"--kernels must be 'onnxruntime' or 'flagc', not {kernels!r}")
     if tgt.name != "onnx-fp16":
-        raise ConfigError(f"--gpu-kernels flagc: flagc's decode kernels take fp16 weights; "
+        raise ConfigError(f"--kernels flagc: flagc's decode kernels (CUDA) take fp16 weights; "
                           f"build with --target onnx-fp16, not {tgt.name}")
     if not decode_graphs:
-        raise ConfigError("--gpu-kernels flagc serves the static decode graphs: add "
+        raise ConfigError("--kernels flagc serves the static decode graphs: add "
                           "--decode-graphs (e.g. --decode-graphs 1)")
 
 
 def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
-                         max_seq: int, gpu_kernels: str = "onnxruntime") -> dict[str, Any]:
+                         max_seq: int, kernels: str = "onnxruntime") -> dict[str, Any]:
     """The static decode graphs written beside the engine: {"graphs": {batch: file},
     "dense_graphs": {batch: file}} (the no-padding variants, where the attention packs), plus
     "custom_ops" and "data" with flagc's GPU kernels (onnx_static.write_static_decodes)."""
@@ -194,7 +194,7 @@ def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
 
     with phase(f"static decode graphs (batch {', '.join(map(str, batches))})"):
         return write_static_decodes(engine_path, batches, max_seq, label=graph.name,
-                                    gpu_kernels=gpu_kernels)
+                                    kernels=kernels)
 
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,

@@ -70,8 +70,8 @@ def build(
     decode_graphs: Optional[str] = typer.Option(
         None, "--decode-graphs", help="comma-separated batch sizes that get a static decode "
         "graph (replayed as a CUDA graph on GPU), e.g. 1,8"),
-    gpu_kernels: str = typer.Option(
-        "onnxruntime", "--gpu-kernels", help="'flagc': static decode graphs of up to 4 rows "
+    kernels: str = typer.Option(
+        "onnxruntime", "--kernels", help="'flagc': static decode graphs of up to 4 rows "
         "use flagc's own CUDA kernels (compiled with nvcc on first use; onnx-fp16)"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
@@ -94,7 +94,7 @@ def build(
                        passes=passes.split(",") if passes else None,
                        pass_options=_pass_options(pass_option), quant_block=quant_block,
                        report=report, decode_graphs=_int_list(decode_graphs, "--decode-graphs"),
-                       gpu_kernels=gpu_kernels)
+                       kernels=kernels)
     if not quiet:
         for p in result["build"]["passes"]:
             if p["rewrites"]:

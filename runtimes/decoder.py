@@ -69,7 +69,7 @@ class CachedDecoder:
         self._has_positions = "position_ids" in inputs
         self.last_prefill = 0  # prompt tokens the last prefill/resume actually ran
         # Static decode graphs (one per batch size) take one-token steps when the batch fits.
-        self._static_files = static_graphs(manifest) \
+        self._static_files = static_graphs(manifest, getattr(engine, "device", "cpu")) \
             if static_decode and hasattr(engine, "folder") else {}
         self._static: dict[tuple[int, bool], Any] = {}  # (rows, dense) -> StaticDecodeStep
         self.last_logits = self._no_logits  # the last append_greedy step's logits, on demand

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -46,14 +45,10 @@ class OrtEngine:
         opts.log_severity_level = 3
         custom = manifest.get("custom_ops") or {}
         if os.path.basename(path) in custom.get("files", ()):
-            from flagc.runtimes import cuda_ops
+            from flagc.runtimes import kernels
 
-            cuda_ops.register(opts)  # compiles flagc's kernels on this machine's first use
-            if device == "cpu":
-                warnings.warn(f"{os.path.basename(path)} uses flagc's CUDA decode kernels "
-                              "(--gpu-kernels flagc); on the CPU they run as a plain loop, "
-                              "correct but slow: load with device='cuda', or rebuild without "
-                              "--gpu-kernels", RuntimeWarning, stacklevel=2)
+            # compiles flagc's kernels on this machine's first use
+            kernels.register(opts, cuda=device == "cuda" == custom.get("device"))
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -20,6 +20,7 @@ reallocates (more rows), the decoder makes a new step.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,13 +34,23 @@ from .ort_engine import OrtEngine
 __all__ = ["StaticDecodeStep", "static_graphs", "host_greedy"]
 
 
-def static_graphs(manifest: dict[str, Any]) -> dict[tuple[int, bool], str]:
-    """{(batch, dense): ONNX file} of the artifact's static decode graphs (empty when none).
-
-    dense graphs are for batches without padding (flagc/lower/onnx_static.py)."""
+def static_graphs(manifest: dict[str, Any], device: str = "cpu") -> dict[tuple[int, bool], str]:
+    """{(batch, dense): ONNX file} of the artifact's static decode graphs that run on `device`
+    (empty when none). dense graphs are for batches without padding (flagc/lower/onnx_static.py).
+    Graphs built on flagc's kernels for the other device (`--kernels flagc`: CUDA products in
+    onnx-fp16 graphs, CPU attention in fp32 / int graphs) are left out, with a warning: their
+    steps then go through the dynamic graph."""
     info = manifest.get("static_decode") or {}
     out = {(int(b), False): f for b, f in info.get("graphs", {}).items()}
     out.update({(int(b), True): f for b, f in info.get("dense_graphs", {}).items()})
+    custom = manifest.get("custom_ops") or {}
+    if custom and custom.get("device") != device:
+        skipped = sorted(f for f in out.values() if f in custom["files"])
+        if skipped:
+            warnings.warn(f"{', '.join(skipped)}: built with flagc's {custom.get('device')} "
+                          f"kernels (--kernels flagc), not for {device}; those decode steps go "
+                          "through the dynamic graph", RuntimeWarning, stacklevel=3)
+        out = {k: f for k, f in out.items() if f not in custom["files"]}
     return out
 
 

@@ -41,7 +41,7 @@ def suite_artifacts(suite: Suite, cache_dir: Path,
                 options = dict(model.build_options)
                 if not target.startswith("onnx-"):  # static decode graphs are onnxruntime's
                     options.pop("decode_graphs", None)
-                    options.pop("gpu_kernels", None)
+                    options.pop("kernels", None)
                 out.append(build_artifact(source, target, folder, model.task, **options))
             except (ConfigError, LoweringError) as e:
                 notes.append(f"{model.name}: target {target} skipped, the builder says: {e}")

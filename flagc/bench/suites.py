@@ -76,9 +76,9 @@ SUITES: dict[str, Suite] = {
             description="GPU anchor: 1.1B LLaMA shape, random fp16 weights, batch 1 and 8",
             models=(SuiteModel("llama-1.1b", "llama-1.1b-random", "text-generation",
                               ("onnx-fp16", "trt-fp16"),
-                              # batch 1 on flagc's own decode kernels (runtimes/cuda_ops)
+                              # batch 1 on flagc's own decode kernels (runtimes/kernels)
                               build_options=(("decode_graphs", (1, 8)),
-                                             ("gpu_kernels", "flagc"))),),
+                                             ("kernels", "flagc"))),),
             encoder_points=(),
             decoder_points=((1, 128), (8, 128)),
             new_tokens=256,

@@ -2,7 +2,7 @@
 
 A decode step at batch 1-4 multiplies a few activation rows by every weight matrix once; on an
 H100 cuBLAS streams those weights at 1.3-2.2 TB/s of 3.35 and LLaMA's gated MLP costs three more
-kernels (Split, Sigmoid+Mul as SiLU, Mul). flagc's DecodeGemv (runtimes/cuda_ops/decode_gemv.cu)
+kernels (Split, Sigmoid+Mul as SiLU, Mul). flagc's DecodeGemv (runtimes/kernels/decode_gemv.cu)
 reads the weight in PyTorch's [N, K] layout at 2.1-3.0 TB/s and computes silu(gate) * up in the
 same kernel (benchmarks/gpu_decode_gemv.py). Rewrites, on a static decode graph:
 

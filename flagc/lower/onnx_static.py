@@ -74,38 +74,40 @@ def dense_decode_file(batch: int) -> str:
 
 
 def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
-                         label: str = "", gpu_kernels: str = "onnxruntime") -> dict[str, Any]:
+                         label: str = "", kernels: str = "onnxruntime") -> dict[str, Any]:
     """Write the static decode graphs for `batches` beside `engine_path`:
     {"graphs": {batch: file}, "dense_graphs": {batch: file}}. The dynamic graph is read once;
     a dense variant (module docstring) is written where the attention has the packable form
     (merged q|k|v projection, split, rotary on q and k).
-    gpu_kernels="flagc": graphs of up to onnx_decode_gemv.MAX_ROWS rows multiply with flagc's
-    DecodeGemv kernels; the result then also has "custom_ops": {"domain", "files"} (the graphs
-    that need the kernel library loaded) and "data": the transposed weights' file.
+    kernels="flagc": fp16 graphs of up to onnx_decode_gemv.MAX_ROWS rows multiply with flagc's
+    DecodeGemv (runtimes/kernels, CUDA); the result then also has "custom_ops": {"domain",
+    "device", "files"} (the graphs that need the kernel library, and the device its kernels
+    are for) and "data": the transposed weights' file.
     `label` names the model in error messages (the engine path is a temp folder's)."""
     template = onnx.load(engine_path, load_external_data=False)
     _check_supported(template.graph, label or engine_path)
     folder = os.path.dirname(engine_path)
-    gemv = TransposedWeights(folder) if gpu_kernels == "flagc" else None
+    gemv = TransposedWeights(folder) if kernels == "flagc" else None
     out: dict[str, Any] = {"graphs": {}, "dense_graphs": {}}
     custom: list[str] = []
     for batch in batches:
         use_gemv = gemv if batch <= MAX_ROWS else None
         for kind, dense in (("graphs", False), ("dense_graphs", True)):
-            name = _write_variant(template, folder, batch, max_seq, dense, use_gemv)
+            name, rewrites = _write_variant(template, folder, batch, max_seq, dense, use_gemv)
             if name:
                 out[kind][str(batch)] = name
-                custom += [name] if use_gemv else []
+                custom += [name] if rewrites else []
     if custom:
-        out["custom_ops"] = {"domain": GEMV_DOMAIN, "files": custom}
+        out["custom_ops"] = {"domain": GEMV_DOMAIN, "device": "cuda", "files": custom}
         out["data"] = [GEMV_DATA]
     return out
 
 
 def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: int,
-                   dense: bool, gemv: TransposedWeights | None = None) -> str | None:
-    """One static graph specialized from (a copy of) `template`; None when `dense` and the
-    graph does not pack. `gemv`: multiply with flagc's DecodeGemv (onnx_decode_gemv.py)."""
+                   dense: bool, gemv: TransposedWeights | None = None) -> tuple[str | None, int]:
+    """One static graph specialized from (a copy of) `template`, and how many of its nodes
+    became flagc kernels; (None, 0) when `dense` and the graph does not pack. `gemv`: multiply
+    with flagc's DecodeGemv (onnx_decode_gemv.py)."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
     g = model.graph
@@ -130,12 +132,11 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
         if node.op_type == "GroupQueryAttention":
             node.input[5], node.input[6] = CACHE_LENGTH, _TOTAL
     if dense and not _pack_qkv_with_rotary(g):
-        return None
-    if gemv is not None:
-        use_decode_gemv(model, gemv)
+        return None, 0
+    rewrites = use_decode_gemv(model, gemv) if gemv is not None else 0
     _drop_dead(g)
     if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:
-        return None  # positions used elsewhere (e.g. learned embeddings): the runtime's
+        return None, 0  # positions used elsewhere (e.g. learned embeddings): the runtime's
         # dense step does not refresh them, so such a graph gets no dense variant
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
     name = dense_decode_file(batch) if dense else static_decode_file(batch)
@@ -146,7 +147,7 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
     except Exception as exc:
         raise LoweringError(f"onnx.checker rejected the static decode graph {name}: {exc}") \
             from exc
-    return name
+    return name, rewrites
 
 
 def _check_supported(g: onnx.GraphProto, label: str) -> None:

@@ -1,10 +1,11 @@
-"""flagc's own decode kernels (runtimes/cuda_ops) and `--gpu-kernels flagc` static graphs.
+"""flagc's own decode kernels (runtimes/kernels) and `--kernels flagc` static graphs.
 
 The library holds a CUDA and a CPU implementation of ai.flagc.DecodeGemv with the same rounding;
 CI has CUDA's compiler but no GPU, so here the library is compiled for real, the CPU op is
-checked against numpy, and the rewritten static decode graphs run on the CPU and must give the
-tokens of the same artifact built on onnxruntime's kernels. The CUDA kernel's numbers are
-checked on the GPU host (benchmarks/gpu_decode_gemv.py, gpu_decode_parity.py)."""
+checked against numpy, and the rewritten static decode graphs run through the CPU op (the
+runtime itself sends CPU steps to the dynamic graph instead) and must give the tokens of the same
+artifact built on onnxruntime's kernels. The CUDA kernel's numbers are checked on the GPU host
+(benchmarks/gpu_decode_gemv.py, gpu_decode_parity.py)."""
 
 import os
 from collections import Counter
@@ -17,12 +18,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 import flagc
 from flagc.errors import ConfigError, ResourceError
-from flagc.runtimes import cuda_ops
+from flagc.runtimes import kernels
 
-pytestmark = [pytest.mark.skipif(cuda_ops.find_nvcc() is None,
-                                 reason="no nvcc: flagc's CUDA kernels cannot be compiled here"),
-              # the artifacts here are for CUDA; on the CPU the runtime says so, once per graph
-              pytest.mark.filterwarnings("ignore:.*uses flagc's CUDA decode kernels")]
+pytestmark = pytest.mark.skipif(kernels.find_nvcc() is None and kernels.find_cxx() is None,
+                                reason="no compiler for flagc's kernels here")
+
+
+def _on_cpu_kernels(folder):
+    """The artifact loaded so that its CUDA-kernel static graphs run through the CPU op."""
+    model = flagc.load(folder)
+    model.manifest["custom_ops"]["device"] = "cpu"
+    return model
 
 
 def _gemv_session(w, b=None, gated=0, x_shape=(2, 3, 64)):
@@ -38,7 +44,7 @@ def _gemv_session(w, b=None, gated=0, x_shape=(2, 3, 64)):
     model.ir_version = 8
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
-    cuda_ops.register(opts)
+    kernels.register(opts)
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
@@ -86,28 +92,33 @@ def test_decode_gemv_errors_name_the_shapes():
 
 def test_library_is_compiled_once_and_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("FLAGC_CACHE", str(tmp_path))
-    path = cuda_ops.library_path()
-    assert path.startswith(str(tmp_path)) and os.path.basename(path) == "libflagc_cuda_ops.so"
+    path = kernels.library_path()
+    assert path.startswith(str(tmp_path)) and os.path.basename(path) == "libflagc_kernels.so"
     before = os.stat(path).st_mtime_ns
-    assert cuda_ops.library_path() == path and os.stat(path).st_mtime_ns == before
+    assert kernels.library_path() == path and os.stat(path).st_mtime_ns == before
     assert [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".so")] == [
-        "libflagc_cuda_ops.so"]  # no temporary left behind
+        "libflagc_kernels.so"]  # no temporary left behind
 
 
-def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(cuda_ops, "find_nvcc", lambda: None)
+def test_missing_compilers_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAGC_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "find_nvcc", lambda: None)
     with pytest.raises(ResourceError, match="need CUDA's compiler: no nvcc"):
-        cuda_ops.library_path()
+        kernels.library_path(cuda=True)
+    assert os.path.isfile(kernels.library_path())  # the CPU op alone, from the C++ compiler
+    monkeypatch.setattr(kernels, "find_cxx", lambda: None)
+    with pytest.raises(ResourceError, match="need a C\\+\\+ compiler"):
+        kernels.library_path()
 
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")
     out = {}
-    for kernels in ("onnxruntime", "flagc"):
-        out[kernels] = str(root / kernels)
-        flagc.build(tiny_llama, "onnx-fp16", out[kernels], max_seq=64, max_batch=8,
-                    decode_graphs=[1, 2, 8], gpu_kernels=kernels)
+    for kind in ("onnxruntime", "flagc"):
+        out[kind] = str(root / kind)
+        flagc.build(tiny_llama, "onnx-fp16", out[kind], max_seq=64, max_batch=8,
+                    decode_graphs=[1, 2, 8], kernels=kind)
     return out
 
 
@@ -119,7 +130,7 @@ def test_static_graphs_of_up_to_four_rows_use_decode_gemv(artifacts):
     art = artifacts["flagc"]
     m = flagc.load(art).manifest
     small = ["decode-b1.onnx", "decode-b1-dense.onnx", "decode-b2.onnx", "decode-b2-dense.onnx"]
-    assert m["custom_ops"] == {"domain": "ai.flagc", "files": small}
+    assert m["custom_ops"] == {"domain": "ai.flagc", "device": "cuda", "files": small}
     assert "decode-gemv.data" in m["files"]
     assert "custom_ops" not in flagc.load(artifacts["onnxruntime"]).manifest
     # per layer: q|k|v, o, gated gate|up, down; plus the LM head; nothing of the MLP left
@@ -141,7 +152,7 @@ def test_static_graphs_of_up_to_four_rows_use_decode_gemv(artifacts):
                                      [[9, 8, 7, 6], [5, 4]], [[1, 2, 3]] * 3])
 def test_generation_equals_onnxruntime_kernels(artifacts, prompts):
     kw = dict(max_new_tokens=16, min_new_tokens=16)
-    ours = flagc.load(artifacts["flagc"]).generate(prompts, **kw)
+    ours = _on_cpu_kernels(artifacts["flagc"]).generate(prompts, **kw)
     ref = flagc.load(artifacts["onnxruntime"]).generate(prompts, **kw)
 
     def ids(r):
@@ -150,33 +161,40 @@ def test_generation_equals_onnxruntime_kernels(artifacts, prompts):
     assert ids(ours) == ids(ref)
 
 
-def test_loading_on_the_cpu_warns_that_the_kernels_are_for_cuda(artifacts):
+def test_on_the_cpu_the_cuda_kernel_graphs_give_way_to_the_dynamic_graph(artifacts):
     model = flagc.load(artifacts["flagc"])
-    with pytest.warns(RuntimeWarning, match="on the CPU they run as a plain loop"):
-        model.generate([1, 2, 3], max_new_tokens=2)
+    with pytest.warns(RuntimeWarning, match="built with flagc's cuda kernels .* not for cpu; "
+                                            "those decode steps go through the dynamic graph"):
+        out = model.generate([9, 8, 7, 6], max_new_tokens=8, min_new_tokens=8)
+    assert model.decoder._static_files == {(8, False): "decode-b8.onnx",
+                                           (8, True): "decode-b8-dense.onnx"}
+    ref = flagc.load(artifacts["onnxruntime"]).generate([9, 8, 7, 6], max_new_tokens=8,
+                                                        min_new_tokens=8)
+    assert out.token_ids == ref.token_ids
 
 
 def test_linear_bias_folds_into_the_kernel(tiny_qwen2, tmp_path):
     out = str(tmp_path / "qwen2")
     flagc.build(tiny_qwen2, "onnx-fp16", out, max_seq=64, max_batch=2, decode_graphs=[1],
-                gpu_kernels="flagc")
+                kernels="flagc")
     model = onnx.load(os.path.join(out, "decode-b1.onnx"), load_external_data=False)
     with_bias = [n for n in model.graph.node if n.op_type == "DecodeGemv" and len(n.input) == 3]
     assert len(with_bias) == 2  # q|k|v of both layers (Qwen2's projections with bias)
     kw = dict(max_new_tokens=12, min_new_tokens=12)
     ref = flagc.load(out, static_decode=False).generate([5, 6, 7], **kw)
-    assert flagc.load(out).generate([5, 6, 7], **kw).token_ids == ref.token_ids
+    assert _on_cpu_kernels(out).generate([5, 6, 7], **kw).token_ids == ref.token_ids
 
 
 @pytest.mark.parametrize("target,kw,match", [
     ("onnx-fp32", dict(decode_graphs=[1]), "take fp16 weights; build with --target onnx-fp16"),
+    ("onnx-int4", dict(decode_graphs=[1]), "take fp16 weights; build with --target onnx-fp16"),
     ("onnx-fp16", {}, "add --decode-graphs"),
 ])
-def test_gpu_kernels_option_errors(tiny_llama, tmp_path, target, kw, match):
+def test_kernels_option_errors(tiny_llama, tmp_path, target, kw, match):
     with pytest.raises(ConfigError, match=match):
-        flagc.build(tiny_llama, target, str(tmp_path / "x"), gpu_kernels="flagc", **kw)
+        flagc.build(tiny_llama, target, str(tmp_path / "x"), kernels="flagc", **kw)
     with pytest.raises(ConfigError, match="must be 'onnxruntime' or 'flagc'"):
-        flagc.build(tiny_llama, "onnx-fp16", str(tmp_path / "y"), gpu_kernels="cutlass",
+        flagc.build(tiny_llama, "onnx-fp16", str(tmp_path / "y"), kernels="cutlass",
                     decode_graphs=[1])
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
@@ -189,11 +207,11 @@ def test_cli_builds_with_flagc_kernels_and_names_bad_values(tiny_llama, tmp_path
     out = str(tmp_path / "cli")
     res = CliRunner().invoke(app, ["build", "-m", tiny_llama, "-o", out, "-t", "onnx-fp16",
                                    "--max-seq", "64", "--decode-graphs", "1",
-                                   "--gpu-kernels", "flagc"])
+                                   "--kernels", "flagc"])
     assert res.exit_code == 0, res.output
     assert flagc.load(out).manifest["custom_ops"]["files"] == ["decode-b1.onnx",
                                                               "decode-b1-dense.onnx"]
     res = CliRunner().invoke(app, ["build", "-m", tiny_llama, "-o", str(tmp_path / "bad"),
                                    "-t", "onnx-fp16", "--decode-graphs", "1",
-                                   "--gpu-kernels", "triton"])
-    assert res.exit_code == 1 and "--gpu-kernels must be 'onnxruntime' or 'flagc'" in res.output
+                                   "--kernels", "triton"])
+    assert res.exit_code == 1 and "--kernels must be 'onnxruntime' or 'flagc'" in res.output

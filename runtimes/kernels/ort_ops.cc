@@ -1,0 +1,278 @@
+// onnxruntime custom ops for flagc's kernels, domain "ai.flagc", loaded with
+// SessionOptions.register_custom_ops_library (runtimes/kernels/__init__.py).
+//
+//   DecodeGemv(X [..., K] fp16, W [N, K] fp16, B [N] fp16 optional) -> Y [..., N'] fp16
+//     attribute gated (int, default 0): 0 -> Y = X W^T + B, N' = N;
+//                                       1 -> W holds gate rows then up rows, N' = N / 2,
+//                                            Y = silu(X W_gate^T + B_gate) * (X W_up^T + B_up)
+//     CUDA provider (decode_gemv.cu, on onnxruntime's compute stream, so it is captured into
+//     CUDA graphs like any built-in kernel), when the library is built with nvcc; and the CPU
+//     provider (a plain loop with the same rounding), so graphs using it run, and are tested,
+//     without a GPU.
+//
+// Written against onnxruntime's C API (third_party/onnxruntime_c_api.h), which keeps its ABI
+// across releases: everything used here exists since API version 16 (onnxruntime 1.16), so the
+// ops ask for that version and run on any onnxruntime since.
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_c_api.h"
+
+#ifdef FLAGC_WITH_CUDA
+extern "C" int flagc_decode_gemv(const void* x, const void* w, const void* bias, void* y,
+                                 int64_t m, int64_t n_w, int64_t k, int gated, void* stream);
+#endif
+
+namespace {
+
+constexpr uint32_t kApiVersion = 16;  // CreateKernelV2 / KernelComputeV2 arrived in 16
+const OrtApi* g_api = nullptr;
+
+#define FLAGC_TRY(expr)                     \
+  do {                                      \
+    OrtStatus* status_ = (expr);            \
+    if (status_ != nullptr) return status_; \
+  } while (0)
+
+OrtStatus* fail(const char* op, const std::string& message) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("ai.flagc.") + op + ": " +
+                                                    message).c_str());
+}
+
+OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>* dims) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  FLAGC_TRY(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = g_api->GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    dims->assign(rank, 0);
+    status = g_api->GetDimensions(info, dims->data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+template <typename T>
+OrtStatus* data_of(const OrtValue* value, T** out) {
+  void* p = nullptr;
+  FLAGC_TRY(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &p));
+  *out = static_cast<T*>(p);
+  return nullptr;
+}
+
+int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t v = fallback;
+  if (OrtStatus* missing = g_api->KernelInfoGetAttribute_int64(info, name, &v)) {
+    g_api->ReleaseStatus(missing);
+    return fallback;
+  }
+  return v;
+}
+
+// Every op's kernel: onnxruntime's compute and destroy callbacks get only this pointer.
+struct Kernel {
+  virtual ~Kernel() = default;
+  virtual OrtStatus* compute(OrtKernelContext* context) const = 0;
+};
+
+// ---- DecodeGemv ----------------------------------------------------------------------------
+
+float half_to_float(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, sizeof v);
+  return static_cast<float>(v);
+}
+
+uint16_t float_to_half(float f) {
+  const _Float16 v = static_cast<_Float16>(f);  // round to nearest even
+  uint16_t h;
+  std::memcpy(&h, &v, sizeof h);
+  return h;
+}
+
+void cpu_gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
+              int64_t m, int64_t n_w, int64_t k, bool gated) {
+  const int64_t n_out = gated ? n_w / 2 : n_w;
+  std::vector<float> xf(k);
+  auto dot = [&](int64_t n) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += xf[i] * half_to_float(w[n * k + i]);
+    return bias ? acc + half_to_float(bias[n]) : acc;
+  };
+  auto round16 = [](float v) { return half_to_float(float_to_half(v)); };
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; ++i) xf[i] = half_to_float(x[r * k + i]);
+    for (int64_t n = 0; n < n_out; ++n) {
+      if (!gated) {
+        y[r * n_out + n] = float_to_half(dot(n));
+        continue;
+      }
+      const float g = round16(dot(n));
+      const float silu = round16(g / (1.f + std::exp(-g)));
+      y[r * n_out + n] = float_to_half(silu * round16(dot(n + n_out)));
+    }
+  }
+}
+
+struct GemvKernel : Kernel {
+  GemvKernel(bool gated, bool cuda) : gated(gated), cuda(cuda) {}
+  OrtStatus* compute(OrtKernelContext* context) const override;
+  bool gated, cuda;
+};
+
+OrtStatus* GemvKernel::compute(OrtKernelContext* context) const {
+  const GemvKernel& kernel = *this;
+  const char* op = "DecodeGemv";
+  size_t n_inputs = 0;
+  FLAGC_TRY(g_api->KernelContext_GetInputCount(context, &n_inputs));
+  const OrtValue *x = nullptr, *w = nullptr, *b = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 0, &x));
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 1, &w));
+  if (n_inputs > 2) FLAGC_TRY(g_api->KernelContext_GetInput(context, 2, &b));
+  std::vector<int64_t> x_dims, w_dims, b_dims;
+  FLAGC_TRY(shape_of(x, &x_dims));
+  FLAGC_TRY(shape_of(w, &w_dims));
+  if (x_dims.empty() || w_dims.size() != 2 || x_dims.back() != w_dims[1])
+    return fail(op, "X " + dims_text(x_dims) + " and W " + dims_text(w_dims) +
+                        " do not multiply (W must be [N, K] with K = X's last dimension)");
+  const int64_t k = w_dims[1], n_w = w_dims[0];
+  if (kernel.gated && n_w % 2 != 0)
+    return fail(op, "gated=1 needs W's rows to be gate rows then up rows (an even count), "
+                    "got " + dims_text(w_dims));
+  if (b) {
+    FLAGC_TRY(shape_of(b, &b_dims));
+    if (b_dims.size() != 1 || b_dims[0] != n_w)
+      return fail(op, "B " + dims_text(b_dims) + " must be [" + std::to_string(n_w) + "]");
+  }
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) m *= x_dims[i];
+  std::vector<int64_t> y_dims = x_dims;
+  y_dims.back() = kernel.gated ? n_w / 2 : n_w;
+  OrtValue* y = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y));
+  if (m == 0) return nullptr;
+  uint16_t *xp = nullptr, *wp = nullptr, *bp = nullptr, *yp = nullptr;
+  FLAGC_TRY(data_of(x, &xp));
+  FLAGC_TRY(data_of(w, &wp));
+  if (b) FLAGC_TRY(data_of(b, &bp));
+  FLAGC_TRY(data_of(y, &yp));
+  if (!kernel.cuda) {
+    cpu_gemv(xp, wp, bp, yp, m, n_w, k, kernel.gated);
+    return nullptr;
+  }
+#ifdef FLAGC_WITH_CUDA
+  void* stream = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetGPUComputeStream(context, &stream));
+  const int rc = flagc_decode_gemv(xp, wp, bp, yp, m, n_w, k, kernel.gated ? 1 : 0, stream);
+  if (rc == -1)
+    return fail(op, "K = " + std::to_string(k) + " must be a multiple of 8 and X and W "
+                    "16-byte aligned");
+  if (rc != 0)
+    return g_api->CreateStatus(ORT_FAIL, ("ai.flagc.DecodeGemv: CUDA error " +
+                                          std::to_string(rc)).c_str());
+#endif
+  return nullptr;
+}
+
+OrtStatus* gemv_create(const OrtKernelInfo* info, bool cuda, void** out) {
+  const int64_t gated = int_attribute(info, "gated", 0);
+  if (gated != 0 && gated != 1) return fail("DecodeGemv", "attribute gated must be 0 or 1");
+  *out = static_cast<Kernel*>(new GemvKernel(gated == 1, cuda));
+  return nullptr;
+}
+
+// ---- registration --------------------------------------------------------------------------
+
+using Create = OrtStatus* (*)(const OrtKernelInfo*, bool, void**);
+
+struct Op : OrtCustomOp {
+  const char* name;
+  bool cuda;
+  std::vector<ONNXTensorElementDataType> inputs, outputs;
+  size_t optional_from;  // inputs from this index on may be absent
+  Create create;
+};
+
+const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
+
+Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> inputs,
+           std::vector<ONNXTensorElementDataType> outputs, size_t optional_from,
+           Create create) {
+  Op op{};
+  op.version = kApiVersion;
+  op.GetName = [](const OrtCustomOp* o) { return self(o).name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* o) {
+    return self(o).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  };
+  op.GetInputType = [](const OrtCustomOp* o, size_t i) { return self(o).inputs[i]; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return self(o).inputs.size(); };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t i) { return self(o).outputs[i]; };
+  op.GetOutputTypeCount = [](const OrtCustomOp* o) { return self(o).outputs.size(); };
+  op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+    return i >= self(o).optional_from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.CreateKernelV2 = [](const OrtCustomOp* o, const OrtApi*, const OrtKernelInfo* info,
+                         void** kernel) { return self(o).create(info, self(o).cuda, kernel); };
+  op.KernelComputeV2 = [](void* kernel, OrtKernelContext* context) {
+    return static_cast<const Kernel*>(kernel)->compute(context);
+  };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  op.name = name;
+  op.cuda = cuda;
+  op.inputs = std::move(inputs);
+  op.outputs = std::move(outputs);
+  op.optional_from = optional_from;
+  op.create = create;
+  return op;
+}
+
+constexpr auto F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+
+// The ops outlive every session that uses them: static storage.
+std::vector<Op>& ops() {
+  static std::vector<Op> all = [] {
+    std::vector<Op> v;
+    v.push_back(make_op("DecodeGemv", false, {F16, F16, F16}, {F16}, 2, gemv_create));
+#ifdef FLAGC_WITH_CUDA
+    v.push_back(make_op("DecodeGemv", true, {F16, F16, F16}, {F16}, 2, gemv_create));
+#endif
+    return v;
+  }();
+  return all;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  g_api = api_base->GetApi(kApiVersion);
+  if (g_api == nullptr) {
+    std::fprintf(stderr, "flagc kernels: need onnxruntime 1.16 or newer (C API version %u)\n",
+                 kApiVersion);
+    return nullptr;  // no API to report through; session creation then names the unknown op
+  }
+  OrtCustomOpDomain* domain = nullptr;
+  FLAGC_TRY(g_api->CreateCustomOpDomain("ai.flagc", &domain));
+  for (Op& op : ops()) FLAGC_TRY(g_api->CustomOpDomain_Add(domain, &op));
+  return g_api->AddCustomOpDomain(options, domain);
+}
