@@ -48,7 +48,7 @@ class OrtEngine:
             from flagc.runtimes import kernels
 
             # compiles flagc's kernels on this machine's first use
-            kernels.register(opts, cuda=device == "cuda" == custom.get("device"))
+            kernels.register(opts, cuda=device == "cuda" and custom.get("device") == "cuda")
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

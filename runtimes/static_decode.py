@@ -37,9 +37,8 @@ __all__ = ["StaticDecodeStep", "static_graphs", "host_greedy"]
 def static_graphs(manifest: dict[str, Any], device: str = "cpu") -> dict[tuple[int, bool], str]:
     """{(batch, dense): ONNX file} of the artifact's static decode graphs that run on `device`
     (empty when none). dense graphs are for batches without padding (flagc/lower/onnx_static.py).
-    Graphs built on flagc's kernels for the other device (`--kernels flagc`: CUDA products in
-    onnx-fp16 graphs, CPU attention in fp32 / int graphs) are left out, with a warning: their
-    steps then go through the dynamic graph."""
+    Graphs built on flagc's kernels for another device (`--kernels flagc`: its CUDA products)
+    are left out, with a warning: their steps then go through the dynamic graph."""
     info = manifest.get("static_decode") or {}
     out = {(int(b), False): f for b, f in info.get("graphs", {}).items()}
     out.update({(int(b), True): f for b, f in info.get("dense_graphs", {}).items()})
