@@ -21,20 +21,21 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from flagc.lower.onnx_stream import append_tensor
 
 __all__ = ["DOMAIN", "MAX_ROWS", "DATA_FILE", "TransposedWeights", "use_decode_gemv"]
 
 DOMAIN = "ai.flagc"
 MAX_ROWS = 4
 DATA_FILE = "decode-gemv.data"
-_ALIGN = 4096  # onnxruntime memory-maps external data at page-aligned offsets
 
 
 class TransposedWeights:
-    """[N, K] copies of [K, N] initializers, appended to DATA_FILE once per name."""
+    """[N, K] copies of [K, N] initializers, appended to DATA_FILE once per name (streamed in
+    tiles by onnx_stream.append_tensor: no full-size transposed copy in memory)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -45,18 +46,11 @@ class TransposedWeights:
         name = tensor.name + ".nk"
         if name not in self._done:
             w = numpy_helper.to_array(tensor, base_dir=self.folder)
-            data = np.ascontiguousarray(w.T).tobytes()
-            offset = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-            pad = -offset % _ALIGN
-            with open(self.path, "ab") as f:
-                f.write(b"\0" * pad + data)
-            out = TensorProto(name=name, data_type=tensor.data_type, dims=[w.shape[1], w.shape[0]])
-            out.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", DATA_FILE), ("offset", offset + pad),
-                               ("length", len(data))):
-                entry = out.external_data.add()
-                entry.key, entry.value = key, str(value)
-            self._done[name] = out
+            # not append mode: the tiled writer places rows with pwrite, which O_APPEND ignores
+            with open(self.path, "r+b" if os.path.exists(self.path) else "w+b") as f:
+                f.seek(0, os.SEEK_END)
+                self._done[name] = append_tensor(w.T, w.dtype, tensor.data_type, name, f,
+                                                 DATA_FILE)
         copy = TensorProto()
         copy.CopyFrom(self._done[name])
         return copy

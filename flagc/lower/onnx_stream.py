@@ -15,10 +15,11 @@ import torch
 from onnx import TensorProto
 
 from flagc.errors import LoweringError
-from flagc.ir.types import DType
+from flagc.ir.types import DType, torch_view
 from flagc.lower.onnx_emit import ONNX_DTYPE
 
-__all__ = ["external_tensor", "write_array", "release_freed_memory", "BLOCK_BYTES", "ALIGN"]
+__all__ = ["external_tensor", "append_tensor", "write_array", "release_freed_memory",
+           "BLOCK_BYTES", "ALIGN"]
 
 BLOCK_BYTES = 16 * 2**20  # converted bytes per block: big enough to stream at disk speed
 ALIGN = 64  # aligned offsets let onnxruntime memory-map tensors directly
@@ -54,7 +55,7 @@ def write_array(arr: np.ndarray, dtype: np.dtype, f, block_bytes: int = BLOCK_BY
         out = np.ascontiguousarray(arr, dtype=dtype)  # no copy when already in place
         f.write(out.reshape(-1).view(np.uint8).data)
         return out.nbytes
-    rows = torch.from_numpy(arr.reshape(arr.shape[0], -1))
+    rows = torch_view(arr.reshape(arr.shape[0], -1))
     target = _torch_dtype(dtype)
     step = max(1, block_bytes // max(1, rows.shape[1] * dtype.itemsize))
     written = 0
@@ -81,7 +82,7 @@ def _write_transposed(src: np.ndarray, dtype: np.dtype, f, block_bytes: int) -> 
     size = dtype.itemsize
     f.flush()
     base, fd = f.tell(), f.fileno()
-    tiles = torch.from_numpy(src)
+    tiles = torch_view(src)
     target = _torch_dtype(dtype)
     k = max(1, block_bytes // max(1, out_rows * size))
     for s in range(0, out_cols, k):
@@ -108,19 +109,27 @@ def external_tensor(req, data_file, location: str) -> TensorProto:
     if tuple(arr.shape) != req.shape:
         raise LoweringError(f"weight {req.name!r}: loader returned shape {tuple(arr.shape)}, "
                             f"the graph expects {req.shape}")
+    t = append_tensor(arr, dtype, ONNX_DTYPE[req.dtype], req.name, data_file, location)
+    del arr  # before the next tensor loads
+    if int(np.prod(req.shape)) * np.dtype(dtype).itemsize >= _TRIM_BYTES:
+        release_freed_memory()
+    return t
+
+
+def append_tensor(arr: np.ndarray, dtype: np.dtype, onnx_dtype: int, name: str, data_file,
+                  location: str) -> TensorProto:
+    """Write `arr` converted to `dtype` (C order, block by block: write_array) at the next ALIGN
+    offset of the open binary file `data_file`, saved as `location`; its external-data proto."""
     offset = data_file.tell()
     pad = (-offset) % ALIGN
     if pad:
         data_file.write(b"\0" * pad)
         offset += pad
     length = write_array(arr, dtype, data_file)
-    del arr  # before the next tensor loads
-    if length >= _TRIM_BYTES:
-        release_freed_memory()
     t = TensorProto()
-    t.name = req.name
-    t.data_type = ONNX_DTYPE[req.dtype]
-    t.dims.extend(req.shape)
+    t.name = name
+    t.data_type = onnx_dtype
+    t.dims.extend(arr.shape)
     t.data_location = TensorProto.EXTERNAL
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = t.external_data.add()
