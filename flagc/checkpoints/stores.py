@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from flagc.errors import CheckpointError
 from flagc.ir.graph import WeightSource
+from flagc.ir.types import torch_view
 
 __all__ = ["WeightStore", "SafetensorsStore", "TorchBinStore", "MappedStore", "open_weight_store"]
 
@@ -41,8 +41,6 @@ class WeightStore:
 
     def tensor(self, name: str):
         """One tensor as stored (a torch tensor in the checkpoint's dtype)."""
-        import torch
-
         if name not in self._index:
             raise CheckpointError(self.missing_message(name))
         try:
@@ -54,11 +52,7 @@ class WeightStore:
                 from exc
         if not isinstance(value, np.ndarray):
             return value
-        if not value.flags.writeable:  # a read-only memory map: flagc reads, never writes it
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                return torch.from_numpy(value)
-        return torch.from_numpy(value)
+        return torch_view(value)  # read-only memory maps too
 
     def __contains__(self, name: str) -> bool:
         return name in self._index

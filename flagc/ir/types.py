@@ -10,7 +10,19 @@ import torch
 
 from flagc.ir.symbolic import Dim, dim_str, parse_dim
 
-__all__ = ["DType", "TensorType"]
+__all__ = ["DType", "TensorType", "torch_view"]
+
+
+def torch_view(arr: np.ndarray) -> torch.Tensor:
+    """A torch tensor sharing `arr`'s memory. Read-only arrays (memory maps, bytes buffers) too,
+    without torch's "not writable" warning: flagc reads weights and never writes them back."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
 
 
 class DType(Enum):
