@@ -7,12 +7,13 @@ rounding (the tests run rewritten graphs on it). With CUDA's compiler (`nvcc`) t
 the CUDA kernel; without it the host C++ compiler builds the CPU op alone, and a session that
 needs the CUDA kernel is refused with a message that says so. The library is cached under
 ~/.cache/flagc/kernels (or $FLAGC_CACHE/kernels), keyed by the sources, the compiler and this
-CPU, so a source change rebuilds and concurrent processes build once. `register(session_options, cuda)` makes a session
-able to run graphs that use the ops.
+CPU, so a source change rebuilds and concurrent processes build once.
+`register(session_options, cuda)` makes a session able to run graphs that use the ops.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -66,6 +67,19 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+@functools.lru_cache(maxsize=None)
+def _build_key(compiler: str, sources: tuple[str, ...]) -> str:
+    """Hash of what the library is built from. Once per process: every session that loads the
+    library asks, and the compiler's --version is a subprocess (~0.1 s for nvcc)."""
+    digest = hashlib.sha256()
+    for name in sources:
+        with open(os.path.join(_HERE, name), "rb") as f:
+            digest.update(f.read())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest.update(f"{compiler}\n{version}\n{_ARCH_FLAGS}\n{_HOST_FLAGS}\n{_cpu_model()}".encode())
+    return digest.hexdigest()[:16]
+
+
 def library_path(cuda: bool = False) -> str:
     """Path of the compiled library, compiling it if this machine has none yet. `cuda`: the
     caller needs the CUDA kernels (an artifact built with flagc's GPU kernels)."""
@@ -82,13 +96,7 @@ def library_path(cuda: bool = False) -> str:
                             "or clang++ on PATH and no $CXX; install one, or rebuild the "
                             "artifact without --kernels flagc")
     sources = _CPU_SOURCES + (_CUDA_SOURCES if nvcc else ())
-    digest = hashlib.sha256()
-    for name in sources:
-        with open(os.path.join(_HERE, name), "rb") as f:
-            digest.update(f.read())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest.update(f"{compiler}\n{version}\n{_ARCH_FLAGS}\n{_HOST_FLAGS}\n{_cpu_model()}".encode())
-    folder = os.path.join(_cache_dir(), digest.hexdigest()[:16])
+    folder = os.path.join(_cache_dir(), _build_key(compiler, sources))
     target = os.path.join(folder, _LIBRARY)
     if os.path.exists(target):
         return target
