@@ -40,7 +40,7 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
           frontend: str = "auto", pass_options: Optional[dict[str, Any]] = None,
           quant_block: Optional[int] = None, report: bool = False,
           decode_graphs: Optional[list[int]] = None, kernels: str = "onnxruntime",
-          ) -> BuildResult:
+          greedy_screen: bool = True) -> BuildResult:
     """Build `model` (a HF folder or a .gguf file) for `target` into the folder `output`.
 
     Args:
@@ -77,6 +77,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         kernels: "onnxruntime" (its kernels only) or "flagc": static decode graphs of up to
             4 rows multiply with flagc's own CUDA kernels (runtimes/kernels, an onnxruntime
             custom-op library compiled with nvcc on first use); onnx-fp16 only.
+        greedy_screen: static decode graphs with a float32 LM head also get greedy variants
+            that screen the head at 8 bits and prove each pick exact, computing the full head
+            only when the proof fails (flagc/lower/onnx_greedy_screen.py; CPU greedy decoding).
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
@@ -121,9 +124,10 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             files = lower_to_onnx(graph, tgt, os.path.join(tmp, tgt.engine_file),
                                   **({"external_threshold": 0} if decode_graphs else {}))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
-                                          decode_graphs, max_seq, kernels)
-            files += [f for kind in ("graphs", "dense_graphs")
-                      for f in static.get(kind, {}).values()]
+                                          decode_graphs, max_seq, kernels, greedy_screen)
+            from flagc.lower.onnx_static import GRAPH_KINDS
+
+            files += [f for kind in GRAPH_KINDS for f in static.get(kind, {}).values()]
             files += static.pop("data", [])
             for role, extra in graph.metadata.get("companions", {}).items():  # T5's encoder
                 _optimize(extra, tgt, None, check, passes, pass_options)
@@ -181,7 +185,8 @@ def _check_kernels(kernels: str, tgt, decode_graphs: list[int]) -> None:
 
 
 def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
-                         max_seq: int, kernels: str = "onnxruntime") -> dict[str, Any]:
+                         max_seq: int, kernels: str = "onnxruntime",
+                         greedy_screen: bool = True) -> dict[str, Any]:
     """The static decode graphs written beside the engine: {"graphs": {batch: file},
     "dense_graphs": {batch: file}} (the no-padding variants, where the attention packs), plus
     "custom_ops" and "data" with flagc's GPU kernels (onnx_static.write_static_decodes)."""
@@ -194,7 +199,7 @@ def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],
 
     with phase(f"static decode graphs (batch {', '.join(map(str, batches))})"):
         return write_static_decodes(engine_path, batches, max_seq, label=graph.name,
-                                    kernels=kernels)
+                                    kernels=kernels, greedy_screen=greedy_screen)
 
 
 def plan(model: str, target: str = "onnx-fp32", output: str = "out/model", *,

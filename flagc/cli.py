@@ -73,6 +73,10 @@ def build(
     kernels: str = typer.Option(
         "onnxruntime", "--kernels", help="'flagc': static decode graphs of up to 4 rows "
         "use flagc's own CUDA kernels (compiled with nvcc on first use; onnx-fp16)"),
+    greedy_screen: bool = typer.Option(
+        True, "--greedy-screen/--no-greedy-screen", help="static decode graphs with a float32 "
+        "LM head also get greedy variants that screen the head at 8 bits and prove each pick "
+        "exact (CPU greedy decoding)"),
 ):
     """Build a model into an artifact folder (engine + manifest + tokenizer)."""
     from flagc import api
@@ -94,7 +98,7 @@ def build(
                        passes=passes.split(",") if passes else None,
                        pass_options=_pass_options(pass_option), quant_block=quant_block,
                        report=report, decode_graphs=_int_list(decode_graphs, "--decode-graphs"),
-                       kernels=kernels)
+                       kernels=kernels, greedy_screen=greedy_screen)
     if not quiet:
         for p in result["build"]["passes"]:
             if p["rewrites"]:

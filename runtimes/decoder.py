@@ -69,9 +69,13 @@ class CachedDecoder:
         self._has_positions = "position_ids" in inputs
         self.last_prefill = 0  # prompt tokens the last prefill/resume actually ran
         # Static decode graphs (one per batch size) take one-token steps when the batch fits.
-        self._static_files = static_graphs(manifest, getattr(engine, "device", "cpu")) \
-            if static_decode and hasattr(engine, "folder") else {}
-        self._static: dict[tuple[int, bool], Any] = {}  # (rows, dense) -> StaticDecodeStep
+        device = getattr(engine, "device", "cpu")
+        use_static = static_decode and hasattr(engine, "folder")
+        self._static_files = {greedy: static_graphs(manifest, device, greedy) if use_static
+                              else {} for greedy in (False, True)}
+        self._static: dict[tuple[int, bool, bool], Any] = {}  # (rows, dense, greedy) -> step
+        # greedy steps whose screened LM head proved the pick / that ran the full head
+        self.screen_stats = {"certified": 0, "full_head": 0}
         self.last_logits = self._no_logits  # the last append_greedy step's logits, on demand
 
     @staticmethod
@@ -79,45 +83,57 @@ class CachedDecoder:
         raise RuntimeInputError("last_logits: no append_greedy step has run")
 
     # ---- steps -------------------------------------------------------------------------------
-    def static_step(self, rows: int):
+    def static_step(self, rows: int, greedy: bool = False):
         """The static decode step already built for `rows` rows (the dense one when both
         exist), or None: for profiling its graph alone (StaticDecodeStep.replay)."""
-        return self._static.get((rows, True)) or self._static.get((rows, False))
+        return self._static.get((rows, True, greedy)) or self._static.get((rows, False, greedy))
 
-    def _prepare_static_step(self, rows: int):
+    def _prepare_static_step(self, rows: int, greedy: bool = False):
         """The static decode step for `rows` rows, or None when the artifact has none.
+        greedy: its greedy variant (no logits; the screened LM head).
 
         The dense graph (rotary inside the attention, positions = slot indices) only when no
         row holds padding."""
-        if not self._static_files:
+        files = self._static_files[greedy]
+        if not files:
             return None
-        key = (rows, True)
-        cache = self.cache
-        if key not in self._static_files or cache.padded:
-            key = (rows, False)
-        file = self._static_files.get(key)
+        dense = (rows, True) in files and not self.cache.padded
+        file = files.get((rows, dense))
         if file is None:
             return None
+        key, cache = (rows, dense, greedy), self.cache
         step = self._static.get(key)
         if step is None or step.storage is not cache.storage:
             step = self._static[key] = StaticDecodeStep(
                 self.engine, file, rows, cache, self.vocab_size, self._logits_dtype,
-                dense=key[1])
+                dense=dense)
         return step
 
-    def _run(self, ids: np.ndarray, valid: np.ndarray | None, greedy: bool = False):
+    def _run(self, ids: np.ndarray, valid: np.ndarray | None, greedy: bool = False,
+             keep_logits: bool = True, suppress=()):
         """Logits [rows, vocab] of the last position; with `greedy`, (argmax token, its logit)
-        per row instead, picked on the device when a static graph runs the step."""
+        per row instead, picked on the device when a static graph runs the step (without
+        `keep_logits`, by the graph's greedy variant where there is one: no logits at all,
+        and the `suppress`ed tokens never picked; other steps leave those to the caller)."""
         cache, b = self.cache, self._binding
         rows, s = ids.shape
-        step = self._prepare_static_step(rows) if s == 1 else None
+        step = None
+        if s == 1:
+            step = (greedy and not keep_logits and self._prepare_static_step(rows, True)) \
+                or self._prepare_static_step(rows)
         mask, pos = cache.begin_step(ids, valid, mask=step is None)
         if step is not None:
+            if not step.has_logits:  # the greedy variant: suppression is the graph's
+                step.suppress(suppress)
             step.run(ids, pos)
             cache.commit(ids, valid)
             if greedy:
                 self.last_logits = lambda: step.logits()[:, -1, :]
-                return step.greedy()
+                picks = step.greedy()
+                certified = step.certified()
+                if certified is not None:
+                    self.screen_stats["certified" if certified else "full_head"] += 1
+                return picks
             return step.logits()[:, -1, :]
         b.input_array("input_ids", ids)
         b.input_array("attention_mask", mask)
@@ -161,15 +177,19 @@ class CachedDecoder:
             ids = ids[:, None]
         return self._run(ids, None)
 
-    def append_greedy(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def append_greedy(self, ids: np.ndarray, keep_logits: bool = True, suppress=()
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """Like `append`, but return each row's argmax token (int64 [rows], first maximum) and
         its logit (float32 [rows]) instead of the logits: static decode graphs pick on the
-        device, so no vocab-wide row crosses to the host. `last_logits()` still returns the
-        step's logits [rows, vocab] (copied then) until the next step."""
+        device, so no vocab-wide row crosses to the host. With `keep_logits`, `last_logits()`
+        returns the step's logits [rows, vocab] (copied then) until the next step; without,
+        the greedy graph variant may run, which screens the LM head, computes no logits and
+        never picks a token of `suppress` (other steps may: the caller redoes those picks on
+        `last_logits()`)."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[:, None]
-        return self._run(ids, None, greedy=True)
+        return self._run(ids, None, greedy=True, keep_logits=keep_logits, suppress=suppress)
 
     def resume(self, prompt: Sequence[int], reserve: int) -> tuple[np.ndarray, int]:
         """Continue a one-row conversation whose full token ids are now `prompt`.

@@ -64,6 +64,7 @@ def generate_tokens(decoder: CachedDecoder, prompts: Sequence[Sequence[int]],
 
 
 def _start(decoder, prompts, pad_id, reserve, resume, rows=None):
+    decoder.screen_stats.update(certified=0, full_head=0)  # counted per generate call
     if resume:
         logits, _ = decoder.resume(prompts[0], reserve)
         return logits
@@ -99,7 +100,8 @@ def _sample(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_text,
         if now_stopped.all() or step == budget - 1:
             break  # the last token is never run: nothing would read its keys and values
         if sampler.picks_argmax:  # greedy: static decode graphs pick on the device
-            picked = decoder.append_greedy(tokens)
+            picked = decoder.append_greedy(tokens, keep_logits=False,
+                                           suppress=sampler.suppressed_now)
         else:
             logits = decoder.append(tokens)
     results = []
@@ -162,5 +164,8 @@ def _beam_search(decoder, prompts, params, budget, stop_ids, pad_id, decode, on_
 
 
 def _timings(token_times: list[float], decoder: CachedDecoder) -> dict[str, Any]:
-    return {"prefill_s": token_times[0] if token_times else 0.0,
-            "prefill_tokens": decoder.last_prefill, "token_times_s": list(token_times)}
+    out = {"prefill_s": token_times[0] if token_times else 0.0,
+           "prefill_tokens": decoder.last_prefill, "token_times_s": list(token_times)}
+    if any(decoder.screen_stats.values()):  # greedy steps on the screened LM head
+        out["greedy_screen"] = dict(decoder.screen_stats)
+    return out

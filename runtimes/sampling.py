@@ -386,6 +386,15 @@ class Sampler:
         p = self.params
         return p.greedy and not self._seen_flat.size and self._offset is None
 
+    @property
+    def suppressed_now(self) -> np.ndarray:
+        """The stop tokens min_new_tokens keeps from the next pick (empty when none): a
+        decoder that picks the argmax itself may leave them out (`take` then accepts its
+        picks as they are; otherwise it redoes a suppressed pick on the logits)."""
+        if self.num_generated < self.params.min_new_tokens:
+            return self._suppressed
+        return self._suppressed[:0]
+
     def take(self, tokens: np.ndarray, token_logits: np.ndarray,
              logits: Callable[[], np.ndarray]) -> np.ndarray:
         """Accept the argmax tokens [batch] picked elsewhere (when `picks_argmax`), with their

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from flagc.errors import RuntimeInputError
+from flagc.lower.onnx_greedy_screen import GREEDY_BIAS, GREEDY_CERTIFIED
 from flagc.lower.onnx_static import GREEDY_LOGIT, GREEDY_TOKEN, NEXT_CACHE_LENGTH
 
 from .kv_cache import KVCache
@@ -34,14 +35,22 @@ from .ort_engine import OrtEngine
 __all__ = ["StaticDecodeStep", "static_graphs", "host_greedy"]
 
 
-def static_graphs(manifest: dict[str, Any], device: str = "cpu") -> dict[tuple[int, bool], str]:
+def static_graphs(manifest: dict[str, Any], device: str = "cpu",
+                  greedy: bool = False) -> dict[tuple[int, bool], str]:
     """{(batch, dense): ONNX file} of the artifact's static decode graphs that run on `device`
     (empty when none). dense graphs are for batches without padding (flagc/lower/onnx_static.py).
+    greedy: the greedy variants instead (the LM head screened at 8 bits, no logits out:
+    flagc/lower/onnx_greedy_screen.py), for the device they were built for.
     Graphs built on flagc's kernels for another device (`--kernels flagc`: its CUDA products)
     are left out, with a warning: their steps then go through the dynamic graph."""
     info = manifest.get("static_decode") or {}
-    out = {(int(b), False): f for b, f in info.get("graphs", {}).items()}
-    out.update({(int(b), True): f for b, f in info.get("dense_graphs", {}).items()})
+    kinds = ("graphs", "dense_graphs")
+    if greedy:
+        if (info.get("greedy_screen") or {}).get("device") != device:
+            return {}
+        kinds = ("greedy_graphs", "greedy_dense_graphs")
+    out = {(int(b), False): f for b, f in info.get(kinds[0], {}).items()}
+    out.update({(int(b), True): f for b, f in info.get(kinds[1], {}).items()})
     custom = manifest.get("custom_ops") or {}
     if custom and custom.get("device") != device:
         skipped = sorted(f for f in out.values() if f in custom["files"])
@@ -92,10 +101,18 @@ class StaticDecodeStep:
         types = {o.name: o.type for o in self.engine.session.get_outputs()}
         if types.get("logits") == "tensor(float)":  # graphs with the greedy outputs
             logits_dtype = np.dtype(np.float32)
-        self._logits = buffer((batch, 1, vocab_size), logits_dtype)
+        # greedy variants (screened LM head) have no logits, and say whether the screen
+        # proved the pick or the full head ran
+        self.has_logits = "logits" in types
+        self._logits = buffer((batch, 1, vocab_size), logits_dtype) if self.has_logits else None
         self.has_greedy = {GREEDY_TOKEN, GREEDY_LOGIT, NEXT_CACHE_LENGTH} <= set(types)
         if self.has_greedy:
             self._token_logit = buffer((batch, 1, 1), np.float32)
+        self._certified = buffer((), np.bool_) if GREEDY_CERTIFIED in types else None
+        inputs = {i.name for i in self.engine.session.get_inputs()}
+        self._bias = buffer((batch, 1, vocab_size), np.float32) if GREEDY_BIAS in inputs \
+            else None
+        self._suppressed: tuple[int, ...] = ()  # the tokens the bias holds at -inf
         self._parity = 0  # the pair the next step reads
         self._held_ids: np.ndarray | None = None  # what that pair holds, when known
         self._held_length = -1
@@ -112,7 +129,12 @@ class StaticDecodeStep:
             b.input_value("position_ids", self._pos)
             b.input_value("attention_mask", self._mask)
             b.input_value("cache_length", self._length[parity])
-            b.output_value("logits", self._logits)
+            if self.has_logits:
+                b.output_value("logits", self._logits)
+            if self._certified is not None:
+                b.output_value(GREEDY_CERTIFIED, self._certified)
+            if self._bias is not None:
+                b.input_value(GREEDY_BIAS, self._bias)
             if self.has_greedy:
                 b.output_value(GREEDY_TOKEN, self._ids[1 - parity])
                 b.output_value(NEXT_CACHE_LENGTH, self._length[1 - parity])
@@ -123,6 +145,20 @@ class StaticDecodeStep:
                 opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * arena + parity))
             self._options[key] = opts
         return b
+
+    def suppress(self, tokens) -> None:
+        """Keep `tokens` from being picked by the next steps (greedy graphs: their bias input;
+        every row). Refreshes the device buffer only when the set changes."""
+        tokens = tuple(sorted(int(t) for t in tokens))
+        if tokens == self._suppressed:
+            return
+        if self._bias is None:
+            raise RuntimeInputError("this decode graph cannot suppress tokens (no greedy bias "
+                                    "input); suppress them on its logits")
+        bias = np.zeros(self._bias.shape(), np.float32)
+        bias[..., list(tokens)] = -np.inf
+        self._bias.update_inplace(bias)
+        self._suppressed = tokens
 
     def run(self, ids: np.ndarray, positions: np.ndarray) -> None:
         """Feed ids [batch, 1] at `positions` [batch, 1]; the cache's mask already marks the
@@ -157,7 +193,16 @@ class StaticDecodeStep:
 
     def logits(self) -> np.ndarray:
         """The last step's logits [batch, 1, vocab], copied to the host."""
+        if not self.has_logits:
+            raise RuntimeInputError("this greedy decode step screens the LM head and has no "
+                                    "logits; ask for them (append_greedy(..., keep_logits="
+                                    "True)) before the step")
         return self._logits.numpy()
+
+    def certified(self) -> bool | None:
+        """Whether the last step's screen proved its pick (False: the full head ran); None
+        for graphs without a screen."""
+        return None if self._certified is None else bool(self._certified.numpy())
 
     def greedy(self) -> tuple[np.ndarray, np.ndarray]:
         """The last step's argmax token per row (int64 [batch]) and its logit (float32 [batch]),

@@ -45,14 +45,25 @@ def test_manifest_and_the_static_graph_contract(artifact):
     assert m["static_decode"] == {
         "graphs": {"1": "decode-b1.onnx", "2": "decode-b2.onnx"},
         "dense_graphs": {"1": "decode-b1-dense.onnx", "2": "decode-b2-dense.onnx"},
+        "greedy_graphs": {"1": "decode-b1-greedy.onnx", "2": "decode-b2-greedy.onnx"},
+        "greedy_dense_graphs": {"1": "decode-b1-dense-greedy.onnx",
+                                "2": "decode-b2-dense-greedy.onnx"},
+        "greedy_screen": {"device": "cpu", "bits": 8, "block": 32, "candidates": 32},
         "length_input": "cache_length"}
     assert m["kv_cache"]["shared_buffer"] is True
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "decode-b1.onnx",
-                               "decode-b2.onnx", "decode-b1-dense.onnx", "decode-b2-dense.onnx"}
+                               "decode-b2.onnx", "decode-b1-dense.onnx", "decode-b2-dense.onnx",
+                               "decode-b1-greedy.onnx", "decode-b2-greedy.onnx",
+                               "decode-b1-dense-greedy.onnx", "decode-b2-dense-greedy.onnx",
+                               "greedy-screen.data"}
     # the weights are written once, in model.onnx.data, which every graph names
     sizes = {f: os.path.getsize(os.path.join(artifact, f)) for f in m["files"]}
     assert all(sizes[f] < sizes["model.onnx.data"] / 4 for f in m["files"]
                if f.endswith(".onnx")), sizes
+    for kind in ("greedy_graphs", "greedy_dense_graphs"):  # no logits: the screen's outputs
+        ins, outs = _signature(os.path.join(artifact, m["static_decode"][kind]["2"]))
+        assert "logits" not in outs and outs["greedy_certified"] == []
+        assert outs["greedy_token"] == [2, 1] and ins["cache_length"] == [2]
     for file in ("decode-b2.onnx", "decode-b2-dense.onnx"):  # one contract for both variants
         ins, outs = _signature(os.path.join(artifact, file))
         assert ins == {"input_ids": [2, 1], "attention_mask": [2, MAX_SEQ],
@@ -141,8 +152,8 @@ def test_static_steps_equal_the_dynamic_graph_with_padding(artifact):
     static = flagc.load(artifact)
     dynamic = flagc.load(artifact, static_decode=False)
     ours = _teacher_forced(static, prompts, forced)
-    assert set(static.decoder._static) == {(2, False)}  # padding: the general static graph
-    assert dynamic.decoder._static_files == {}
+    assert set(static.decoder._static) == {(2, False, False)}  # padding: the general graph
+    assert dynamic.decoder._static_files == {False: {}, True: {}}
     np.testing.assert_allclose(ours, _teacher_forced(dynamic, prompts, forced), atol=1e-5)
 
 
@@ -151,7 +162,7 @@ def test_dense_steps_equal_the_dynamic_graph_without_padding(artifact):
     forced = np.random.default_rng(1).integers(3, 128, (2, 12))
     static = flagc.load(artifact)
     ours = _teacher_forced(static, prompts, forced)
-    assert set(static.decoder._static) == {(2, True)}
+    assert set(static.decoder._static) == {(2, True, False)}
     ref = _teacher_forced(flagc.load(artifact, static_decode=False), prompts, forced)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -167,7 +178,10 @@ def test_greedy_tokens_equal_transformers(artifact, tiny_llama):
     model = flagc.load(artifact)
     got = model.generate(prompt, max_new_tokens=24, min_new_tokens=24)
     assert got.token_ids == ref
-    assert set(model.decoder._static) == {(1, True)}
+    # the greedy variant (LM head screened), EOS kept out by its bias input
+    assert set(model.decoder._static) == {(1, True, True)}
+    screen = got.timings["greedy_screen"]
+    assert screen["certified"] + screen["full_head"] == 23
 
 
 @pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]],  # padded rows
@@ -212,7 +226,7 @@ def test_steps_that_feed_themselves_mix_with_host_fed_steps(artifact):
             tokens, _ = static.append_greedy(feed)
             got = static.last_logits()
         np.testing.assert_allclose(got, want, atol=1e-5)
-    step = static._static[(2, True)]
+    step = static._static[(2, True, False)]
     assert {parity for _, parity in step._bindings} == {0, 1}
     # a new batch on the same step: the held length (and pick) belong to the old one
     tokens = static.prefill([[40, 41, 42], [43, 44, 45]], 0, 30).argmax(-1)
@@ -221,7 +235,7 @@ def test_steps_that_feed_themselves_mix_with_host_fed_steps(artifact):
         want = ref.append(tokens)
         tokens, _ = static.append_greedy(tokens)
         np.testing.assert_allclose(static.last_logits(), want, atol=1e-5)
-    assert static._static[(2, True)] is step
+    assert static._static[(2, True, False)] is step
 
 
 def test_greedy_generation_picks_on_the_device_and_penalties_do_not(artifact):
@@ -232,8 +246,8 @@ def test_greedy_generation_picks_on_the_device_and_penalties_do_not(artifact):
     calls = Counter()
     for name in ("append", "append_greedy"):
         method = getattr(model.decoder, name)
-        setattr(model.decoder, name, lambda ids, _m=method, _n=name: (calls.update([_n]),
-                                                                        _m(ids))[1])
+        setattr(model.decoder, name, lambda ids, _m=method, _n=name, **kw: (
+            calls.update([_n]), _m(ids, **kw))[1])
     for kw in ({}, {"min_new_tokens": 12}, {"repetition_penalty": 1.3}):
         calls.clear()
         out = model.generate([9, 8, 7, 6], max_new_tokens=12, **kw)
@@ -249,7 +263,7 @@ def test_beam_search_across_arena_swaps_equals_the_dynamic_graph(artifact):
     kw = dict(max_new_tokens=10, min_new_tokens=10, num_beams=2)
     ours = static.generate([9, 8, 7, 6], **kw)
     assert ours.token_ids == dynamic.generate([9, 8, 7, 6], **kw).token_ids
-    step = static.decoder._static[(2, True)]
+    step = static.decoder._static[(2, True, False)]
     assert {arena for arena, _ in step._bindings} == {0, 1}
 
 
@@ -281,7 +295,7 @@ def test_other_batch_sizes_fall_back_to_the_dynamic_graph(artifact):
 def test_cached_decoder_without_static_graphs_is_unchanged(artifact):
     model = flagc.load(artifact)
     dec = CachedDecoder(model.engine, {**model.manifest, "static_decode": None})
-    assert dec._static_files == {}
+    assert dec._static_files == {False: {}, True: {}}
 
 
 # ---- errors ------------------------------------------------------------------------------------

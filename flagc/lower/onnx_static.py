@@ -49,11 +49,18 @@ from flagc.errors import LoweringError
 from flagc.lower.onnx_decode_gemv import DATA_FILE as GEMV_DATA
 from flagc.lower.onnx_decode_gemv import DOMAIN as GEMV_DOMAIN
 from flagc.lower.onnx_decode_gemv import MAX_ROWS, TransposedWeights, use_decode_gemv
+from flagc.lower.onnx_greedy_screen import BITS as SCREEN_BITS
+from flagc.lower.onnx_greedy_screen import BLOCK as SCREEN_BLOCK
+from flagc.lower.onnx_greedy_screen import CANDIDATES, ScreenWeights, use_greedy_screen
+from flagc.lower.onnx_greedy_screen import DATA_FILE as SCREEN_DATA
 
-__all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file", "CACHE_LENGTH",
+__all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file",
+           "greedy_decode_file", "GRAPH_KINDS", "CACHE_LENGTH",
            "GREEDY_TOKEN", "GREEDY_LOGIT", "NEXT_CACHE_LENGTH"]
 
 CACHE_LENGTH = "cache_length"
+# write_static_decodes' {batch: file} maps: plain, dense (no padding), and their greedy variants
+GRAPH_KINDS = ("graphs", "dense_graphs", "greedy_graphs", "greedy_dense_graphs")
 # Greedy decoding reads these instead of the logits: one 8-byte copy back per row, no
 # vocab-wide copy and argmax on the host between two graph replays.
 GREEDY_TOKEN = "greedy_token"
@@ -73,8 +80,13 @@ def dense_decode_file(batch: int) -> str:
     return f"decode-b{batch}-dense.onnx"
 
 
+def greedy_decode_file(batch: int, dense: bool) -> str:
+    return f"decode-b{batch}{'-dense' if dense else ''}-greedy.onnx"
+
+
 def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
-                         label: str = "", kernels: str = "onnxruntime") -> dict[str, Any]:
+                         label: str = "", kernels: str = "onnxruntime",
+                         greedy_screen: bool = True) -> dict[str, Any]:
     """Write the static decode graphs for `batches` beside `engine_path`:
     {"graphs": {batch: file}, "dense_graphs": {batch: file}}. The dynamic graph is read once;
     a dense variant (module docstring) is written where the attention has the packable form
@@ -83,28 +95,46 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
     DecodeGemv (runtimes/kernels, CUDA); the result then also has "custom_ops": {"domain",
     "device", "files"} (the graphs that need the kernel library, and the device its kernels
     are for) and "data": the transposed weights' file.
+    greedy_screen: where the LM head is a float32 MatMul, each graph also gets a greedy
+    variant that screens the head at 8 bits (onnx_greedy_screen.py, CPU): "greedy_graphs" and
+    "greedy_dense_graphs", "greedy_screen" (its parameters) and its data file in "data".
     `label` names the model in error messages (the engine path is a temp folder's)."""
     template = onnx.load(engine_path, load_external_data=False)
     _check_supported(template.graph, label or engine_path)
     folder = os.path.dirname(engine_path)
     gemv = TransposedWeights(folder) if kernels == "flagc" else None
+    screen = ScreenWeights(folder) if greedy_screen else None
     out: dict[str, Any] = {"graphs": {}, "dense_graphs": {}}
     custom: list[str] = []
     for batch in batches:
         use_gemv = gemv if batch <= MAX_ROWS else None
         for kind, dense in (("graphs", False), ("dense_graphs", True)):
-            name, rewrites = _write_variant(template, folder, batch, max_seq, dense, use_gemv)
-            if name:
-                out[kind][str(batch)] = name
-                custom += [name] if rewrites else []
+            model, rewrites = _specialize(template, batch, max_seq, dense, use_gemv)
+            if model is None:
+                continue
+            name = dense_decode_file(batch) if dense else static_decode_file(batch)
+            out[kind][str(batch)] = _save(model, folder, name)
+            custom += [name] if rewrites else []
+            if screen is not None and use_greedy_screen(model, screen, GREEDY_TOKEN,
+                                                        GREEDY_LOGIT):
+                _drop_dead(model.graph)
+                out.setdefault(f"greedy_{kind}", {})[str(batch)] = _save(
+                    model, folder, greedy_decode_file(batch, dense))
+    data = []
     if custom:
         out["custom_ops"] = {"domain": GEMV_DOMAIN, "device": "cuda", "files": custom}
-        out["data"] = [GEMV_DATA]
+        data.append(GEMV_DATA)
+    if out.get("greedy_graphs") or out.get("greedy_dense_graphs"):
+        out["greedy_screen"] = {"device": "cpu", "bits": SCREEN_BITS, "block": SCREEN_BLOCK,
+                                "candidates": CANDIDATES}
+        data.append(SCREEN_DATA)
+    if data:
+        out["data"] = data
     return out
 
 
-def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: int,
-                   dense: bool, gemv: TransposedWeights | None = None) -> tuple[str | None, int]:
+def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool,
+                gemv: TransposedWeights | None = None) -> tuple[onnx.ModelProto | None, int]:
     """One static graph specialized from (a copy of) `template`, and how many of its nodes
     became flagc kernels; (None, 0) when `dense` and the graph does not pack. `gemv`: multiply
     with flagc's DecodeGemv (onnx_decode_gemv.py)."""
@@ -139,7 +169,10 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
         return None, 0  # positions used elsewhere (e.g. learned embeddings): the runtime's
         # dense step does not refresh them, so such a graph gets no dense variant
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
-    name = dense_decode_file(batch) if dense else static_decode_file(batch)
+    return model, rewrites
+
+
+def _save(model: onnx.ModelProto, folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     onnx.save(model, path)
     try:
@@ -147,7 +180,7 @@ def _write_variant(template: onnx.ModelProto, folder: str, batch: int, max_seq: 
     except Exception as exc:
         raise LoweringError(f"onnx.checker rejected the static decode graph {name}: {exc}") \
             from exc
-    return name, rewrites
+    return name
 
 
 def _check_supported(g: onnx.GraphProto, label: str) -> None:
@@ -276,9 +309,21 @@ def _drop_dead(g: onnx.GraphProto) -> None:
     for node in reversed(g.node):
         if any(o in live for o in node.output):
             keep.append(node)
-            live.update(i for i in node.input if i)
+            live.update(_reads(node))
     del g.node[:]
     g.node.extend(reversed(keep))
     inits = [t for t in g.initializer if t.name in live]
     del g.initializer[:]
     g.initializer.extend(inits)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names `node` reads: its inputs and what its subgraphs (If branches) take from the
+    enclosing scope."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            local |= {o for n in sub.node for o in n.output}
+            names |= {i for n in sub.node for i in _reads(n)} - local
+    return names
