@@ -181,7 +181,7 @@ def test_heads_of_other_forms_are_left_alone(tmp_path):
 @pytest.fixture(scope="module")
 def artifact(tiny_llama, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("screen") / "llama")
-    flagc.build(tiny_llama, "onnx-fp32", out, max_seq=64, max_batch=4, decode_graphs=[1])
+    flagc.build(tiny_llama, "onnx-fp32", out, max_seq=64, max_batch=4, decode_graphs=[1, 2])
     return out
 
 
@@ -199,6 +199,16 @@ def test_greedy_generation_runs_the_screened_graph_with_the_dynamic_graphs_token
     assert (1, True, False) in model.decoder._static
 
 
+@pytest.mark.parametrize("prompts,dense", [([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], False),
+                                           ([[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]], True)])
+def test_batches_with_and_without_padding(artifact, prompts, dense):
+    model, dynamic = flagc.load(artifact), flagc.load(artifact, static_decode=False)
+    kw = dict(max_new_tokens=12, min_new_tokens=12)
+    ours = model.generate(prompts, **kw)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in dynamic.generate(prompts, **kw)]
+    assert set(model.decoder._static) == {(2, dense, True)}
+
+
 def test_screened_steps_have_no_logits_to_give(artifact):
     dec = flagc.load(artifact).decoder
     first = dec.prefill([[4, 5, 6]], 0, 20).argmax(-1)
@@ -209,8 +219,9 @@ def test_screened_steps_have_no_logits_to_give(artifact):
 
 def test_greedy_graphs_are_for_the_cpu_and_can_be_left_out(artifact, tiny_llama, tmp_path):
     manifest = flagc.load(artifact).manifest
-    assert static_graphs(manifest, "cpu", greedy=True) == {(1, False): "decode-b1-greedy.onnx",
-                                                          (1, True): "decode-b1-dense-greedy.onnx"}
+    assert static_graphs(manifest, "cpu", greedy=True) == {
+        (b, dense): f"decode-b{b}{'-dense' if dense else ''}-greedy.onnx"
+        for b in (1, 2) for dense in (False, True)}
     assert static_graphs(manifest, "cuda", greedy=True) == {}  # `If` would leave the CUDA graph
     assert manifest["static_decode"]["greedy_screen"]["candidates"] == CANDIDATES
     out = str(tmp_path / "plain")
