@@ -16,6 +16,10 @@ and its reason goes into `ctx.plan["quantization"]` (the manifest's precision_pl
 - measured (`quant_sensitive=N`): each linear is quantized alone and its output error on a
   calibration input is measured through the reference interpreter; the N worst keep 8 bits
   (int4) or stay float (int8).
+`quant_exact_grid` keeps 4-bit weights that already sit on a per-block grid min + scale * q
+(checkpoints quantized that way: GGUF Q4_1) exactly: codes, scales, zero points 0 and float
+offsets per block (an integer zero point can only approximate a float minimum); the
+lowering adds the offsets' term, the block sums of x times the offsets (flagc/lower/onnx_quant.py).
 Calibration also sharpens the 4-bit codes: `quant_calibrate` weights each block's scale search
 by the mean squared activation of every input feature, and `quant_gptq` adds GPTQ's error
 feedback through the layer Hessian (passes/quant_sensitivity.py, flagc/ir/quant.py).
@@ -37,8 +41,8 @@ from flagc.errors import ConfigError
 from flagc.ir.builder import make_node
 from flagc.ir.graph import Graph, Node, WeightSource
 from flagc.ir.ops import Op
-from flagc.ir.quant import ACT_QUANT, BLOCK_SIZES, QuantScheme, codes_shape, gptq_quantize, \
-    n_blocks, quantize_weight, zero_points_cols
+from flagc.ir.quant import ACT_QUANT, BLOCK_SIZES, QuantScheme, codes_shape, exact_grid, \
+    gptq_quantize, n_blocks, quantize_weight, zero_points_cols
 from flagc.ir.types import DType, TensorType
 from flagc.passes.manager import PassContext, register_pass
 
@@ -59,6 +63,7 @@ class QuantOptions:
     act_quant: str  # flagc.ir.quant.ACT_QUANT
     calibrate: bool  # weight the scale search by calibration activations
     gptq: bool  # GPTQ error feedback on calibration activations (implies calibrate)
+    exact_grid: bool = False  # keep 4-bit weights already on a per-block grid exactly (offsets)
 
 
 def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
@@ -84,7 +89,8 @@ def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
                         tuple(skip), sensitive, lm_head, act,
                         bool(options.get("quant_calibrate", False)
                              or options.get("quant_gptq", False)),
-                        bool(options.get("quant_gptq", False)))
+                        bool(options.get("quant_gptq", False)),
+                        bool(options.get("quant_exact_grid", False)))
 
 
 class _LazyQuantized:
@@ -95,22 +101,25 @@ class _LazyQuantized:
     _last: tuple[Any, Any] = (None, None)
 
     def __init__(self, source: WeightSource, scheme: QuantScheme,
-                 importance: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None):
+                 importance: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None,
+                 exact: bool = False):
         self.source, self.scheme, self.importance = source, scheme, importance
-        self.hessian = hessian
+        self.hessian, self.exact = hessian, exact
 
     def part(self, index: int) -> WeightSource:
         def load():
             owner, result = _LazyQuantized._last
             if owner is not self or result is None:
                 w = np.asarray(self.source.load())
-                if self.hessian is not None and self.scheme.bits == 4:
+                if self.exact:  # checked at pass time: the grid is there
+                    result = exact_grid(w, self.scheme.bits, self.scheme.block_for(w.shape[1]))
+                elif self.hessian is not None and self.scheme.bits == 4:
                     result = gptq_quantize(w, self.scheme, self.hessian)
                 else:
                     result = quantize_weight(w, self.scheme, self.importance)
                 _LazyQuantized._last = (self, result)
             return result[index]
-        what = ("codes", "scales", "zero points")[index]
+        what = ("codes", "scales", "zero points", "offsets")[index]
         return WeightSource(load, origin=f"{what} ({self.scheme.describe()}) of "
                                          f"{self.source.origin}")
 
@@ -127,29 +136,43 @@ def _scheme_for(opts: QuantOptions, bits: int) -> QuantScheme:
 
 def quantize_linear(graph: Graph, node: Node, scheme: QuantScheme, act_quant: str,
                     importance: Optional[np.ndarray] = None,
-                    hessian: Optional[np.ndarray] = None) -> Node:
-    """The QLINEAR node replacing `node` (a LINEAR reading a weight), with lazy initializers."""
+                    hessian: Optional[np.ndarray] = None, exact: bool = False) -> Node:
+    """The QLINEAR node replacing `node` (a LINEAR reading a weight), with lazy initializers.
+    exact: the weight is on a per-block grid (`exact_grid`): its codes, scales, zero points 0
+    and offsets keep it as it is."""
     w = node.inputs[1]
     n, k = (int(d) for d in w.shape)
-    lazy = _LazyQuantized(graph.weight_sources[w.name], scheme, importance, hessian)
-    tag = f"{w.name}.q{scheme.bits}b{scheme.block}{'s' if scheme.symmetric else 'a'}"
+    lazy = _LazyQuantized(graph.weight_sources[w.name], scheme, importance, hessian, exact)
+    kind = "x" if exact else "s" if scheme.symmetric else "a"  # x: exact grid, with offsets
+    tag = f"{w.name}.q{scheme.bits}b{scheme.block}{kind}"
     codes = graph.add_weight(tag, TensorType(DType.U8, codes_shape(n, k, scheme)), lazy.part(0))
     nb = n_blocks(k, scheme.block_for(k))
     scales = graph.add_weight(tag + ".scales", TensorType(DType.F32, (n, nb)), lazy.part(1))
-    zp = None
-    if not scheme.symmetric:
+    zp = offsets = None
+    if not scheme.symmetric or exact:
         zp = graph.add_weight(tag + ".zero_points",
                               TensorType(DType.U8, (n, zero_points_cols(nb, scheme.bits))),
                               lazy.part(2))
+    if exact:
+        offsets = graph.add_weight(tag + ".offsets", TensorType(DType.F32, (n, nb)),
+                                   lazy.part(3))
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     # The float weight stays reachable for the accuracy report (flagc/quant_report.py) after
     # DCE prunes it from the graph; only its loader is kept, no data.
     graph.metadata.setdefault(FLOAT_WEIGHTS, {})[codes.name] = (w.name, w.type,
                                                                 graph.weight_sources[w.name])
-    new = make_node(Op.QLINEAR, [node.inputs[0], codes, scales, zp, bias],
+    new = make_node(Op.QLINEAR, [node.inputs[0], codes, scales, zp, bias]
+                    + ([offsets] if exact else []),
                     {"bits": scheme.bits, "k": k, "act_quant": act_quant}, node.name)
     # The output Value carries over (same type), so readers and graph outputs need no rewiring.
     return Node(new.op, new.inputs, new.attrs, node.outputs, node.name)
+
+
+def _on_grid(graph: Graph, node: Node, scheme: QuantScheme) -> bool:
+    """Whether `node`'s float weight is on a per-block grid of `scheme.bits` (quant_exact_grid:
+    a checkpoint quantized that way, e.g. GGUF Q4_1); loads the weight once to check."""
+    w = np.asarray(graph.weight_sources[node.inputs[1].name].load())
+    return exact_grid(w, scheme.bits, scheme.block_for(w.shape[1])) is not None
 
 
 def _candidates(graph: Graph) -> list[Node]:
@@ -201,7 +224,7 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
                 decisions[n] = (keep_bits, f"measured: output error {measured[n]:.3g} is among "
                                            f"the {opts.sensitive} largest")
         del calib
-    counts = {"int4": 0, "int8": 0, "kept float": 0}
+    counts = {"int4": 0, "int8": 0, "kept float": 0, "exact grid": 0}
     replaced: dict[int, Node] = {}
     layers: dict[str, dict[str, Any]] = {}
     for node, (bits, reason) in decisions.items():
@@ -213,10 +236,13 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
             counts["kept float"] += 1
         else:
             scheme = _scheme_for(opts, bits)
-            entry["scheme"] = scheme.describe()
+            exact = opts.exact_grid and bits == 4 and _on_grid(graph, node, scheme)
+            entry["scheme"] = scheme.describe() + (", exact grid (float offsets)" if exact
+                                                   else "")
             replaced[id(node)] = quantize_linear(graph, node, scheme, act,
-                                                 importance.get(node), hessians.get(node))
+                                                 importance.get(node), hessians.get(node), exact)
             counts[f"int{bits}"] += 1
+            counts["exact grid"] += int(exact)
         layers[node.inputs[1].name] = entry
     graph.nodes = [replaced.get(id(n), n) for n in graph.nodes]
     ctx.plan["quantization"] = {

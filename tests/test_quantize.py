@@ -327,3 +327,75 @@ def test_gptq_option_is_planned_and_lowered(tmp_path):
     # than on a real model's calibration text, hence the looser bound.
     assert _cos(before, interpret(graph, _feeds())["logits"].numpy()).min() >= 0.95
     lower_to_onnx(graph, get_target("onnx-int4"), str(tmp_path / "m.onnx"))
+
+
+# -- checkpoints already on a 4-bit grid (quant_exact_grid) ----------------------------------
+
+def _q4_1(w, block=32):
+    """w snapped to GGUF Q4_1 blocks: d * q + m, d and m rounded to fp16 as GGUF stores them."""
+    n, k = w.shape
+    b = w.reshape(n, k // block, block)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.floor((b - lo) / np.where(d == 0, 1, d) + 0.5), 0, 15)
+    q[..., 0], q[..., 1] = 0, 15  # each block spans its grid, as Q4_1's min and max do
+    return (d * q + m).reshape(n, k).astype(np.float32)
+
+
+def test_exact_grid_gives_q4_1_blocks_back_and_refuses_other_weights():
+    from flagc.ir.quant import exact_grid
+
+    rng = np.random.default_rng(0)
+    w = _q4_1(rng.standard_normal((40, 96)).astype(np.float32))
+    codes, scales, zp, offsets = exact_grid(w, 4, 32)
+    back = dequantize_weight(torch.from_numpy(codes), torch.from_numpy(scales),
+                             torch.from_numpy(zp), bits=4, k=96,
+                             offsets=torch.from_numpy(offsets)).numpy()
+    np.testing.assert_allclose(back, w, rtol=0, atol=1e-6 * np.abs(w).max())
+    assert not zp.any() and codes.shape == (40, 3, 16)
+    assert exact_grid(rng.standard_normal((40, 96)).astype(np.float32), 4, 32) is None
+    assert exact_grid(w, 4, 16) is None  # half blocks do not span the grid
+    assert exact_grid(w[:, :80], 4, 32) is None  # K not a multiple of the block
+    nearly = w.copy()
+    nearly[7, 40] += 1e-3 * np.abs(w).max()  # one weight off the grid
+    assert exact_grid(nearly, 4, 32) is None
+
+
+def _grid_graph():
+    graph = _graph()
+    for name in ("w1",):  # w1 on a Q4_1 grid (K = 64); head (K = 48) is not
+        arr = _q4_1(np.asarray(graph.weight_sources[name].load()))
+        graph.weight_sources[name] = WeightSource(lambda a=arr: a, origin=name)
+    return graph
+
+
+def test_exact_grid_option_keeps_grid_weights_exactly(tmp_path):
+    import onnxruntime as ort
+
+    from flagc.lower.onnx_model import lower_to_onnx
+
+    graph = _grid_graph()
+    before = interpret(graph, _feeds())["logits"].numpy()
+    ctx = _quantize(graph, quant_exact_grid=True, quant_lm_head_bits=4)
+    layers = ctx.plan["quantization"]["layers"]
+    assert layers["w1"]["scheme"] == "int4 block 32 asymmetric, exact grid (float offsets)"
+    assert "exact grid" not in layers["head"]["scheme"]  # not on a grid: quantized as usual
+    q = next(n for n in graph.nodes
+             if n.op.value == "qlinear" and n.inputs[1].name.startswith("w1"))
+    assert q.inputs[5] is not None and q.inputs[5].shape == (48, 2)
+    # without activation rounding the grid weight is exact: only the head's error remains
+    exact = _grid_graph()
+    _quantize(exact, quant_exact_grid=True, quant_act="none", quant_lm_head_bits=0)
+    np.testing.assert_allclose(interpret(exact, _feeds())["logits"].numpy(), before,
+                               atol=1e-5 * np.abs(before).max())
+    # onnxruntime computes what the reference says (MatMulNBits + the offsets' term)
+    want = interpret(graph, _feeds())["logits"].numpy()
+    lower_to_onnx(graph, get_target("onnx-int4"), str(tmp_path / "m.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"),
+                               providers=["CPUExecutionProvider"]).run(["logits"], _feeds())[0]
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    lower_to_onnx(exact, get_target("onnx-int4"), str(tmp_path / "e.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "e.onnx"),
+                               providers=["CPUExecutionProvider"]).run(["logits"], _feeds())[0]
+    np.testing.assert_allclose(got, before, atol=1e-5 * np.abs(before).max())

@@ -17,7 +17,7 @@ from flagc.ir.types import DType, TensorType
 
 
 def _qlinear_infer(types, attrs):
-    x, codes, scales, zp, bias = types
+    x, codes, scales, zp, bias, offsets = types
     bits, k = attrs["bits"], attrs["k"]
     _require_float(x, "qlinear")
     if bits not in (4, 8):
@@ -40,19 +40,26 @@ def _qlinear_infer(types, attrs):
                       f"got {zp}")
     if bias is not None and (bias.rank != 1 or bias.shape[0] != n):
         raise IRError(f"qlinear: bias must be [{n}], got {bias}")
+    if offsets is not None and (offsets.dtype is not DType.F32 or offsets.shape != (n, nb)):
+        raise IRError(f"qlinear: offsets must be f32[{n}, {nb}], got {offsets}")
     return [TensorType(x.dtype, x.shape[:-1] + (n,))]
 
 
-def _t_qlinear(x, codes, scales, zp=None, bias=None, *, bits, k, act_quant):
+def _t_qlinear(x, codes, scales, zp=None, bias=None, offsets=None, *, bits, k, act_quant):
     w = dequantize_weight(codes, scales, zp, bits=bits, k=k).to(x.dtype)
     block = codes.shape[2] * 8 // bits
     xq = fake_quant_activation(x, act_quant, block)
-    return F.linear(xq, w, None if bias is None else bias.to(x.dtype))
+    y = F.linear(xq, w, None if bias is None else bias.to(x.dtype))
+    if offsets is not None:  # as lowered: the block sums of the float x times the offsets
+        sums = x.reshape(*x.shape[:-1], k // block, block).sum(-1)
+        y = y + sums @ offsets.to(x.dtype).T
+    return y
 
 
-_define(Op.QLINEAR, ["x", "codes", "scales", "zero_points?", "bias?"],
+_define(Op.QLINEAR, ["x", "codes", "scales", "zero_points?", "bias?", "offsets?"],
         {"bits": REQUIRED, "k": REQUIRED, "act_quant": "none"}, _qlinear_infer, _t_qlinear,
-        doc="y = x @ dequant(codes, scales, zero_points).T + bias; codes u8 [N, n_blocks, "
-            "block*bits/8] packed low-first (onnxruntime MatMulNBits layout), scales f32 "
-            "[N, n_blocks], zero points packed u8 (absent: 2**(bits-1)). act_quant: 'none', "
-            "'tensor' (dynamic u8 per tensor) or 'block' (s8 per weight block).")
+        doc="y = x @ dequant(codes, scales, zero_points, offsets).T + bias; codes u8 [N, "
+            "n_blocks, block*bits/8] packed low-first (onnxruntime MatMulNBits layout), scales "
+            "f32 [N, n_blocks], zero points packed u8 (absent: 2**(bits-1)), offsets f32 "
+            "[N, n_blocks] added per block (absent: 0). act_quant: 'none', 'tensor' (dynamic u8 "
+            "per tensor) or 'block' (s8 per weight block).")

@@ -7,8 +7,12 @@ bytes instead of converting them:
                                                        K zero-padded up to n_blocks * block
     scales       f32 [N, n_blocks]
     zero_points  u8 [N, ceil(n_blocks * bits / 8)]    packed like the codes; absent = 2**(bits-1)
+    offsets      f32 [N, n_blocks]                    optional; absent = 0
     w[n, k] = (code[n, k] - zero_point[n, k // block]) * scale[n, k // block]
-Per-channel int8 is the special case n_blocks = 1, block = K.
+              + offset[n, k // block]
+Per-channel int8 is the special case n_blocks = 1, block = K. Offsets carry checkpoints already
+quantized with a float minimum per block (GGUF Q4_1: w = d * q + m), which an integer zero point
+can only approximate (`exact_grid`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 __all__ = ["QuantScheme", "quantize_weight", "dequantize_weight", "fake_quant_activation",
            "ACT_QUANT", "BLOCK_SIZES", "n_blocks", "codes_shape", "zero_points_cols",
-           "gptq_quantize"]
+           "gptq_quantize", "exact_grid"]
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits needs a power of two >= 16
 ACT_QUANT = ("none", "tensor", "block")  # activations: float, dynamic per-tensor u8, per-block s8
@@ -149,7 +153,7 @@ def _unpack(packed, bits: int, length: int):
     return torch.stack((p & 0xF, p >> 4), dim=-1).flatten(-2)[..., :length]
 
 
-def dequantize_weight(codes, scales, zero_points, *, bits: int, k: int):
+def dequantize_weight(codes, scales, zero_points, *, bits: int, k: int, offsets=None):
     """torch: the [N, K] float32 weight the codes stand for."""
     import torch
 
@@ -161,7 +165,39 @@ def dequantize_weight(codes, scales, zero_points, *, bits: int, k: int):
     else:
         z = _unpack(zero_points, bits, nb).float().reshape(n, nb, 1)
     w = (q - z) * scales.float().reshape(n, nb, 1)
+    if offsets is not None:
+        w = w + offsets.float().reshape(n, nb, 1)
     return w.reshape(n, nb * block)[:, :k]
+
+
+def exact_grid(w: np.ndarray, bits: int, block: int, rows: int = 4096):
+    """(codes, scales, zero_points, offsets) that give back w [N, K] to float32 rounding, when
+    every block of `block` weights along K holds values min + scale * q with integer q in
+    [0, 2**bits) and its maximum at q = 2**bits - 1 (a checkpoint quantized that way: GGUF
+    Q4_1 blocks of 32 are w = d * q + m); None as soon as one block is not on such a grid
+    (K not a multiple of `block` included). Zero points are 0: w = code * scale + offset."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    if k % block:
+        return None
+    nb, qmax = k // block, (1 << bits) - 1
+    codes = np.empty((n, nb, block), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    offsets = np.empty((n, nb), np.float32)
+    for lo_row in range(0, n, rows):
+        wb = w[lo_row:lo_row + rows].astype(np.float64).reshape(-1, nb, block)
+        lo, hi = wb.min(-1), wb.max(-1)
+        scale = (hi - lo) / qmax
+        q = np.rint((wb - lo[..., None]) / np.where(scale == 0, 1.0, scale)[..., None])
+        err = np.abs(lo[..., None] + q * scale[..., None] - wb)
+        # float32 rounding of the checkpoint's own d * q + m, with room for a few ulps
+        tol = 8 * np.finfo(np.float32).eps * np.maximum(np.abs(lo), np.abs(hi))
+        if (err > tol[..., None]).any():
+            return None
+        rows_here = slice(lo_row, lo_row + wb.shape[0])
+        codes[rows_here], scales[rows_here], offsets[rows_here] = q, scale, lo
+    zero_points = np.zeros((n, zero_points_cols(nb, bits)), np.uint8)
+    return np.ascontiguousarray(_pack(codes, bits)), scales, zero_points, offsets
 
 
 def fake_quant_activation(x, mode: str, block: int):
