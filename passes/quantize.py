@@ -16,10 +16,11 @@ and its reason goes into `ctx.plan["quantization"]` (the manifest's precision_pl
 - measured (`quant_sensitive=N`): each linear is quantized alone and its output error on a
   calibration input is measured through the reference interpreter; the N worst keep 8 bits
   (int4) or stay float (int8).
-`quant_exact_grid` keeps 4-bit weights that already sit on a per-block grid min + scale * q
-(checkpoints quantized that way: GGUF Q4_1) exactly: codes, scales, zero points 0 and float
-offsets per block (an integer zero point can only approximate a float minimum); the
-lowering adds the offsets' term, the block sums of x times the offsets (flagc/lower/onnx_quant.py).
+`quant_exact_grid` (true, or weight-name patterns) keeps 4-bit weights that already sit on a
+per-block grid min + scale * q (checkpoints quantized that way: GGUF Q4_1) exactly: codes,
+scales, zero points 0 and float offsets per block (an integer zero point can only approximate a
+float minimum); the lowering adds the offsets' term, the block sums of x times the offsets
+(flagc/lower/onnx_quant.py), which costs time: four more onnxruntime ops per linear.
 Calibration also sharpens the 4-bit codes: `quant_calibrate` weights each block's scale search
 by the mean squared activation of every input feature, and `quant_gptq` adds GPTQ's error
 feedback through the layer Hessian (passes/quant_sensitivity.py, flagc/ir/quant.py).
@@ -63,7 +64,8 @@ class QuantOptions:
     act_quant: str  # flagc.ir.quant.ACT_QUANT
     calibrate: bool  # weight the scale search by calibration activations
     gptq: bool  # GPTQ error feedback on calibration activations (implies calibrate)
-    exact_grid: bool = False  # keep 4-bit weights already on a per-block grid exactly (offsets)
+    # weights (fnmatch patterns; "*": all) kept exactly where already on a 4-bit block grid
+    exact_grid: tuple[str, ...] = ()
 
 
 def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
@@ -90,7 +92,20 @@ def quant_options(precision: str, options: dict[str, Any]) -> QuantOptions:
                         bool(options.get("quant_calibrate", False)
                              or options.get("quant_gptq", False)),
                         bool(options.get("quant_gptq", False)),
-                        bool(options.get("quant_exact_grid", False)))
+                        _patterns(options.get("quant_exact_grid"), "quant_exact_grid"))
+
+
+def _patterns(value, flag: str) -> tuple[str, ...]:
+    """true / false or fnmatch patterns of weight names (a string, comma-separated, or a list)."""
+    if value in (None, False, "false", "0", 0):
+        return ()
+    if value in (True, "true", "1", 1):
+        return ("*",)
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{flag} takes true / false or weight-name patterns, got {value!r}")
+    return tuple(p.strip() for p in value if p.strip())
 
 
 class _LazyQuantized:
@@ -236,7 +251,9 @@ def quantize(graph: Graph, ctx: PassContext) -> dict[str, int]:
             counts["kept float"] += 1
         else:
             scheme = _scheme_for(opts, bits)
-            exact = opts.exact_grid and bits == 4 and _on_grid(graph, node, scheme)
+            exact = (bits == 4 and any(fnmatch.fnmatch(node.inputs[1].name, p)
+                                       for p in opts.exact_grid)
+                     and _on_grid(graph, node, scheme))
             entry["scheme"] = scheme.describe() + (", exact grid (float offsets)" if exact
                                                    else "")
             replaced[id(node)] = quantize_linear(graph, node, scheme, act,
