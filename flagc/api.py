@@ -74,9 +74,11 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         decode_graphs: batch sizes that also get a static-shape decode graph
             (flagc/lower/onnx_static.py), which the CUDA runtime replays as a CUDA graph; the
             KV cache then lives in max_seq-long buffers shared by past and present.
-        kernels: "onnxruntime" (its kernels only) or "flagc": static decode graphs of up to
-            4 rows multiply with flagc's own CUDA kernels (runtimes/kernels, an onnxruntime
-            custom-op library compiled with nvcc on first use); onnx-fp16 only.
+        kernels: "onnxruntime" (its kernels only) or "flagc": flagc's own kernels in the
+            static decode graphs (runtimes/kernels, an onnxruntime custom-op library compiled
+            on first use): for onnx-fp16, graphs of up to 4 rows multiply with its CUDA
+            products (nvcc needed); for onnx-fp32 / int8 / int4, the dense graphs attend with
+            its CPU attention (a C++ compiler needed).
         greedy_screen: static decode graphs with a float32 LM head also get greedy variants
             that screen the head at 8 bits and prove each pick exact, computing the full head
             only when the proof fails (flagc/lower/onnx_greedy_screen.py; CPU greedy decoding).
@@ -171,14 +173,19 @@ def _checked_decode_graphs(batches: Optional[list[int]], tgt, max_batch: int) ->
     return sorted({int(b) for b in batches})
 
 
+# onnx-fp16: DecodeGemv (CUDA); targets with float32 activations: DecodeAttention (CPU)
+_FLAGC_KERNEL_TARGETS = ("onnx-fp16", "onnx-fp32", "onnx-int8", "onnx-int4")
+
+
 def _check_kernels(kernels: str, tgt, decode_graphs: list[int]) -> None:
     if kernels == "onnxruntime":
         return
     if kernels != "flagc":
         raise ConfigError(f"--kernels must be 'onnxruntime' or 'flagc', not {kernels!r}")
-    if tgt.name != "onnx-fp16":
-        raise ConfigError(f"--kernels flagc: flagc's decode kernels (CUDA) take fp16 weights; "
-                          f"build with --target onnx-fp16, not {tgt.name}")
+    if tgt.name not in _FLAGC_KERNEL_TARGETS:
+        raise ConfigError(f"--kernels flagc: flagc's decode kernels serve "
+                          f"{', '.join(_FLAGC_KERNEL_TARGETS)} (fp16: CUDA products; "
+                          f"float32 activations: CPU attention), not {tgt.name}")
     if not decode_graphs:
         raise ConfigError("--kernels flagc serves the static decode graphs: add "
                           "--decode-graphs (e.g. --decode-graphs 1)")

@@ -71,8 +71,9 @@ def build(
         None, "--decode-graphs", help="comma-separated batch sizes that get a static decode "
         "graph (replayed as a CUDA graph on GPU), e.g. 1,8"),
     kernels: str = typer.Option(
-        "onnxruntime", "--kernels", help="'flagc': static decode graphs of up to 4 rows "
-        "use flagc's own CUDA kernels (compiled with nvcc on first use; onnx-fp16)"),
+        "onnxruntime", "--kernels", help="'flagc': static decode graphs use flagc's own "
+        "kernels, compiled on first use (onnx-fp16: CUDA products for up to 4 rows, with "
+        "nvcc; onnx-fp32/int8/int4: CPU attention)"),
     greedy_screen: bool = typer.Option(
         True, "--greedy-screen/--no-greedy-screen", help="static decode graphs with a float32 "
         "LM head also get greedy variants that screen the head at 8 bits and prove each pick "

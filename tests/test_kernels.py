@@ -1,5 +1,8 @@
 """flagc's own decode kernels (runtimes/kernels) and `--kernels flagc` static graphs.
 
+DecodeAttention (CPU) replaces onnxruntime's GroupQueryAttention in the dense static graphs of
+float32 targets: checked against numpy, and the artifact's tokens against the same artifact
+on onnxruntime's kernels.
 The library holds a CUDA and a CPU implementation of ai.flagc.DecodeGemv with the same rounding;
 CI has CUDA's compiler but no GPU, so here the library is compiled for real, the CPU op is
 checked against numpy, and the rewritten static decode graphs run through the CPU op (the
@@ -187,8 +190,8 @@ def test_linear_bias_folds_into_the_kernel(tiny_qwen2, tmp_path):
 
 
 @pytest.mark.parametrize("target,kw,match", [
-    ("onnx-fp32", dict(decode_graphs=[1]), "take fp16 weights; build with --target onnx-fp16"),
-    ("onnx-int4", dict(decode_graphs=[1]), "take fp16 weights; build with --target onnx-fp16"),
+    ("onnx-bf16", dict(decode_graphs=[1]), "serve onnx-fp16, onnx-fp32, onnx-int8, onnx-int4"),
+    ("onnx-fp32", {}, "add --decode-graphs"),
     ("onnx-fp16", {}, "add --decode-graphs"),
 ])
 def test_kernels_option_errors(tiny_llama, tmp_path, target, kw, match):
@@ -216,3 +219,136 @@ def test_cli_builds_with_flagc_kernels_and_names_bad_values(tiny_llama, tmp_path
                                    "-t", "onnx-fp16", "--decode-graphs", "1",
                                    "--kernels", "triton"])
     assert res.exit_code == 1 and "--kernels must be 'onnxruntime' or 'flagc'" in res.output
+
+
+# ---- DecodeAttention (CPU) ---------------------------------------------------------------------
+H, KV, D, SEQ, POS = 6, 2, 32, 24, 40
+
+
+def _attention_session(interleaved=0, scale=0.0):
+    node = helper.make_node("DecodeAttention", ["qkv", "pk", "pv", "cl", "cos", "sin"],
+                            ["y", "k", "v"], domain="ai.flagc", num_heads=H, kv_num_heads=KV,
+                            scale=scale, rotary_interleaved=interleaved)
+    rng = np.random.default_rng(9)
+    angles = rng.random((POS, D // 2)) * 3
+    cache = [2, KV, SEQ, D]
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [2, 1, (H + 2 * KV) * D]),
+         helper.make_tensor_value_info("pk", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("pv", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("cl", TensorProto.INT32, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, H * D]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, cache)],
+        [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+         numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.flagc", 1)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    kernels.register(opts)
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess, np.cos(angles), np.sin(angles)
+
+
+def _attention_reference(qkv, pk, pv, lengths, cos, sin, interleaved, scale):
+    def rot(x, p):
+        if interleaved:
+            a, b = x[0::2], x[1::2]
+            out = np.empty_like(x)
+            out[0::2], out[1::2] = a * cos[p] - b * sin[p], b * cos[p] + a * sin[p]
+            return out
+        a, b = x[: D // 2], x[D // 2:]
+        return np.concatenate([a * cos[p] - b * sin[p], b * cos[p] + a * sin[p]])
+
+    k, v = pk.astype(np.float64), pv.astype(np.float64)
+    y = np.zeros((2, H * D))
+    for row, p in enumerate(lengths):
+        x = qkv[row, 0].astype(np.float64)
+        for g in range(KV):
+            k[row, g, p] = rot(x[(H + g) * D:(H + g + 1) * D], p)
+            v[row, g, p] = x[(H + KV + g) * D:(H + KV + g + 1) * D]
+        for h in range(H):
+            g = h // (H // KV)
+            s = k[row, g, :p + 1] @ rot(x[h * D:(h + 1) * D], p) * (scale or D ** -0.5)
+            w = np.exp(s - s.max())
+            y[row, h * D:(h + 1) * D] = (w / w.sum()) @ v[row, g, :p + 1]
+    return y.reshape(2, 1, H * D), k, v
+
+
+@pytest.mark.parametrize("interleaved,scale", [(0, 0.0), (1, 0.0), (0, 0.3)])
+def test_decode_attention_matches_numpy_in_a_shared_cache(interleaved, scale):
+    sess, cos, sin = _attention_session(interleaved, scale)
+    rng = np.random.default_rng(interleaved)
+    qkv = rng.standard_normal((2, 1, (H + 2 * KV) * D)).astype(np.float32)
+    pk, pv = (rng.standard_normal((2, KV, SEQ, D)).astype(np.float32) for _ in range(2))
+    lengths = np.array([3, SEQ - 1], np.int32)  # the last slot of the cache too
+    want_y, want_k, want_v = _attention_reference(qkv, pk, pv, lengths, cos, sin, interleaved,
+                                                  scale)
+    # past and present bound to one buffer (the static graphs' way): written in place
+    keys, values = (ort.OrtValue.ortvalue_from_numpy(a.copy()) for a in (pk, pv))
+    b = sess.io_binding()
+    b.bind_cpu_input("qkv", qkv)
+    b.bind_cpu_input("cl", lengths)
+    b.bind_ortvalue_input("pk", keys)
+    b.bind_ortvalue_input("pv", values)
+    b.bind_ortvalue_output("k", keys)
+    b.bind_ortvalue_output("v", values)
+    b.bind_output("y")
+    sess.run_with_iobinding(b)
+    np.testing.assert_allclose(b.get_outputs()[-1].numpy(), want_y, atol=2e-5)
+    np.testing.assert_allclose(keys.numpy(), want_k, atol=2e-5)
+    np.testing.assert_allclose(values.numpy(), want_v, atol=0)
+    # separate outputs: the past is carried over first
+    y, k, v = sess.run(None, {"qkv": qkv, "pk": pk, "pv": pv, "cl": lengths})
+    np.testing.assert_allclose(y, want_y, atol=2e-5)
+    np.testing.assert_allclose(k, want_k, atol=2e-5)
+
+
+def test_decode_attention_refuses_a_cache_without_room():
+    sess, _, _ = _attention_session()
+    qkv = np.zeros((2, 1, (H + 2 * KV) * D), np.float32)
+    cache = np.zeros((2, KV, SEQ, D), np.float32)
+    with pytest.raises(Exception, match="DecodeAttention: a cache_length leaves no slot below "
+                                        "max_seq 24"):
+        sess.run(None, {"qkv": qkv, "pk": cache, "pv": cache,
+                        "cl": np.array([1, SEQ], np.int32)})
+
+
+@pytest.fixture(scope="module")
+def cpu_attention(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu_attention")
+    out = {}
+    for kernels_name in ("onnxruntime", "flagc"):
+        out[kernels_name] = str(root / kernels_name)
+        flagc.build(tiny_llama, "onnx-fp32", out[kernels_name], max_seq=64, max_batch=4,
+                    decode_graphs=[1, 2], kernels=kernels_name)
+    return out
+
+
+def test_float32_dense_graphs_attend_with_decode_attention(cpu_attention):
+    manifest = flagc.load(cpu_attention["flagc"]).manifest
+    assert manifest["custom_ops"] == {"domain": "ai.flagc", "device": "cpu", "files": [
+        "decode-b1-dense.onnx", "decode-b1-dense-greedy.onnx", "decode-b2-dense.onnx",
+        "decode-b2-dense-greedy.onnx"]}
+    for file in manifest["custom_ops"]["files"]:
+        ops = _ops(os.path.join(cpu_attention["flagc"], file))
+        assert ops["DecodeAttention"] == 2 and "GroupQueryAttention" not in ops
+    assert _ops(os.path.join(cpu_attention["flagc"], "decode-b1.onnx"))["GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("prompts,kw", [
+    ([9, 8, 7, 6], {}), ([9, 8, 7, 6], {"min_new_tokens": 12}),
+    ([[9, 8, 7, 6], [5, 4, 3, 2]], {}), ([[9, 8, 7, 6, 5], [4, 3]], {}),
+    ([9, 8, 7, 6], {"temperature": 0.9, "seed": 3}), ([9, 8, 7, 6], {"num_beams": 2})])
+def test_cpu_attention_generates_onnxruntimes_tokens(cpu_attention, prompts, kw):
+    ours = flagc.load(cpu_attention["flagc"]).generate(prompts, max_new_tokens=12, **kw)
+    ref = flagc.load(cpu_attention["onnxruntime"]).generate(prompts, max_new_tokens=12, **kw)
+
+    def ids(r):
+        return [x.token_ids for x in r] if isinstance(r, list) else r.token_ids
+
+    assert ids(ours) == ids(ref)

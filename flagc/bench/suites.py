@@ -63,8 +63,10 @@ SUITES: dict[str, Suite] = {
             models=(SuiteModel("minilm", "minilm", "embedding", ("onnx-fp32", "onnx-int8")),
                     SuiteModel("smollm2", "smollm2", "text-generation",
                                ("onnx-fp32", "onnx-int8", "onnx-int4"),
-                               # static decode graph for the anchor's batch 1
-                               build_options=(("decode_graphs", (1,)),))),
+                               # static decode graph for the anchor's batch 1, attending
+                               # with flagc's CPU kernel (runtimes/kernels)
+                               build_options=(("decode_graphs", (1,)),
+                                              ("kernels", "flagc")))),
             encoder_points=((8, 128), (1, 32), (1, 128), (2, 128), (4, 128)),
             decoder_points=((1, 32), (1, 256), (4, 32)),
             new_tokens=128,

@@ -46,8 +46,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from flagc.errors import LoweringError
+from flagc.lower.onnx_decode_attention import use_decode_attention
 from flagc.lower.onnx_decode_gemv import DATA_FILE as GEMV_DATA
-from flagc.lower.onnx_decode_gemv import DOMAIN as GEMV_DOMAIN
+from flagc.lower.onnx_decode_gemv import DOMAIN as KERNELS_DOMAIN
 from flagc.lower.onnx_decode_gemv import MAX_ROWS, TransposedWeights, use_decode_gemv
 from flagc.lower.onnx_greedy_screen import BITS as SCREEN_BITS
 from flagc.lower.onnx_greedy_screen import BLOCK as SCREEN_BLOCK
@@ -92,9 +93,10 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
     a dense variant (module docstring) is written where the attention has the packable form
     (merged q|k|v projection, split, rotary on q and k).
     kernels="flagc": fp16 graphs of up to onnx_decode_gemv.MAX_ROWS rows multiply with flagc's
-    DecodeGemv (runtimes/kernels, CUDA); the result then also has "custom_ops": {"domain",
-    "device", "files"} (the graphs that need the kernel library, and the device its kernels
-    are for) and "data": the transposed weights' file.
+    DecodeGemv (runtimes/kernels, CUDA; "data" then names the transposed weights' file);
+    float32 dense graphs attend with flagc's DecodeAttention (CPU,
+    onnx_decode_attention.py). The result then also has "custom_ops": {"domain", "device",
+    "files"} (the graphs that need the kernel library, and the device its kernels are for).
     greedy_screen: where the LM head is a float32 MatMul, each graph also gets a greedy
     variant that screens the head at 8 bits (onnx_greedy_screen.py, CPU): "greedy_graphs" and
     "greedy_dense_graphs", "greedy_screen" (its parameters) and its data file in "data".
@@ -105,25 +107,32 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
     gemv = TransposedWeights(folder) if kernels == "flagc" else None
     screen = ScreenWeights(folder) if greedy_screen else None
     out: dict[str, Any] = {"graphs": {}, "dense_graphs": {}}
-    custom: list[str] = []
+    custom: dict[str, list[str]] = {}  # device -> graphs on flagc's kernels for it
     for batch in batches:
         use_gemv = gemv if batch <= MAX_ROWS else None
         for kind, dense in (("graphs", False), ("dense_graphs", True)):
-            model, rewrites = _specialize(template, batch, max_seq, dense, use_gemv)
+            model, device = _specialize(template, batch, max_seq, dense, use_gemv,
+                                        attention=kernels == "flagc")
             if model is None:
                 continue
             name = dense_decode_file(batch) if dense else static_decode_file(batch)
             out[kind][str(batch)] = _save(model, folder, name)
-            custom += [name] if rewrites else []
+            names = [name]
             if screen is not None and use_greedy_screen(model, screen, GREEDY_TOKEN,
                                                         GREEDY_LOGIT):
                 _drop_dead(model.graph)
-                out.setdefault(f"greedy_{kind}", {})[str(batch)] = _save(
-                    model, folder, greedy_decode_file(batch, dense))
+                names.append(_save(model, folder, greedy_decode_file(batch, dense)))
+                out.setdefault(f"greedy_{kind}", {})[str(batch)] = names[-1]
+            if device:
+                custom.setdefault(device, []).extend(names)
     data = []
-    if custom:
-        out["custom_ops"] = {"domain": GEMV_DOMAIN, "device": "cuda", "files": custom}
-        data.append(GEMV_DATA)
+    if len(custom) > 1:
+        raise LoweringError(f"static decode graphs on flagc's kernels for {sorted(custom)}: "
+                            "one artifact serves one kernel device")
+    for device, files in custom.items():
+        out["custom_ops"] = {"domain": KERNELS_DOMAIN, "device": device, "files": files}
+        if device == "cuda":
+            data.append(GEMV_DATA)
     if out.get("greedy_graphs") or out.get("greedy_dense_graphs"):
         out["greedy_screen"] = {"device": "cpu", "bits": SCREEN_BITS, "block": SCREEN_BLOCK,
                                 "candidates": CANDIDATES}
@@ -134,10 +143,12 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
 
 
 def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool,
-                gemv: TransposedWeights | None = None) -> tuple[onnx.ModelProto | None, int]:
-    """One static graph specialized from (a copy of) `template`, and how many of its nodes
-    became flagc kernels; (None, 0) when `dense` and the graph does not pack. `gemv`: multiply
-    with flagc's DecodeGemv (onnx_decode_gemv.py)."""
+                gemv: TransposedWeights | None = None, attention: bool = False
+                ) -> tuple[onnx.ModelProto | None, str | None]:
+    """One static graph specialized from (a copy of) `template`, and the device of the flagc
+    kernels it uses (None: none); (None, None) when `dense` and the graph does not pack.
+    `gemv`: multiply with flagc's DecodeGemv (onnx_decode_gemv.py, CUDA); `attention`: a
+    dense float32 graph attends with flagc's DecodeAttention (onnx_decode_attention.py, CPU)."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
     g = model.graph
@@ -162,14 +173,16 @@ def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool
         if node.op_type == "GroupQueryAttention":
             node.input[5], node.input[6] = CACHE_LENGTH, _TOTAL
     if dense and not _pack_qkv_with_rotary(g):
-        return None, 0
-    rewrites = use_decode_gemv(model, gemv) if gemv is not None else 0
+        return None, None
+    device = "cuda" if gemv is not None and use_decode_gemv(model, gemv) else None
+    if attention and dense and device is None and use_decode_attention(model):
+        device = "cpu"
     _drop_dead(g)
     if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:
-        return None, 0  # positions used elsewhere (e.g. learned embeddings): the runtime's
+        return None, None  # positions used elsewhere (e.g. learned embeddings): the runtime's
         # dense step does not refresh them, so such a graph gets no dense variant
     del g.value_info[:]  # stale symbolic shapes of the dynamic graph
-    return model, rewrites
+    return model, device
 
 
 def _save(model: onnx.ModelProto, folder: str, name: str) -> str:

@@ -1,6 +1,16 @@
 // onnxruntime custom ops for flagc's kernels, domain "ai.flagc", loaded with
 // SessionOptions.register_custom_ops_library (runtimes/kernels/__init__.py).
 //
+//   DecodeAttention(QKV [B, 1, (H + 2 KV) D], past_key, past_value [B, KV, S, D],
+//                   cache_length [B] int32, cos, sin [P, D / 2]) -> Y [B, 1, H D],
+//                   present_key, present_value (float32 throughout)
+//     attributes num_heads H, kv_num_heads KV, scale (0: 1 / sqrt(D)), rotary_interleaved.
+//     One decode token per row: rotary by position cache_length, its key and value written
+//     into slot cache_length of the caches, attention over slots 0..cache_length
+//     (decode_attention.cc). Present and past are meant to be one buffer (bound to the same
+//     memory, as onnxruntime's GroupQueryAttention with past_present_share_buffer); otherwise
+//     past is copied into present first. CPU provider.
+//
 //   DecodeGemv(X [..., K] fp16, W [N, K] fp16, B [N] fp16 optional) -> Y [..., N'] fp16
 //     attribute gated (int, default 0): 0 -> Y = X W^T + B, N' = N;
 //                                       1 -> W holds gate rows then up rows, N' = N / 2,
@@ -23,6 +33,12 @@
 #include <vector>
 
 #include "onnxruntime_c_api.h"
+
+int flagc_decode_attention(const float* qkv, float* key_cache, float* value_cache,
+                           const int32_t* cache_length, const float* cos, const float* sin,
+                           float* out, int64_t batch, int64_t heads, int64_t kv_heads,
+                           int64_t d, int64_t max_seq, int64_t positions, float scale,
+                           bool interleaved);
 
 #ifdef FLAGC_WITH_CUDA
 extern "C" int flagc_decode_gemv(const void* x, const void* w, const void* bias, void* y,
@@ -75,6 +91,15 @@ OrtStatus* data_of(const OrtValue* value, T** out) {
 int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   int64_t v = fallback;
   if (OrtStatus* missing = g_api->KernelInfoGetAttribute_int64(info, name, &v)) {
+    g_api->ReleaseStatus(missing);
+    return fallback;
+  }
+  return v;
+}
+
+float float_attribute(const OrtKernelInfo* info, const char* name, float fallback) {
+  float v = fallback;
+  if (OrtStatus* missing = g_api->KernelInfoGetAttribute_float(info, name, &v)) {
     g_api->ReleaseStatus(missing);
     return fallback;
   }
@@ -193,6 +218,80 @@ OrtStatus* gemv_create(const OrtKernelInfo* info, bool cuda, void** out) {
   return nullptr;
 }
 
+// ---- DecodeAttention -----------------------------------------------------------------------
+
+struct AttentionKernel : Kernel {
+  AttentionKernel(int64_t heads, int64_t kv_heads, float scale, bool interleaved)
+      : heads(heads), kv_heads(kv_heads), scale(scale), interleaved(interleaved) {}
+  OrtStatus* compute(OrtKernelContext* context) const override;
+  int64_t heads, kv_heads;
+  float scale;
+  bool interleaved;
+};
+
+OrtStatus* AttentionKernel::compute(OrtKernelContext* context) const {
+  const char* op = "DecodeAttention";
+  const OrtValue* in[6] = {};
+  std::vector<int64_t> dims[6];
+  for (size_t i = 0; i < 6; ++i) {
+    FLAGC_TRY(g_api->KernelContext_GetInput(context, i, &in[i]));
+    FLAGC_TRY(shape_of(in[i], &dims[i]));
+  }
+  const std::vector<int64_t>& cache = dims[1];
+  if (cache.size() != 4 || cache[1] != kv_heads || dims[2] != cache)
+    return fail(op, "past_key " + dims_text(cache) + " and past_value " + dims_text(dims[2]) +
+                        " must both be [batch, " + std::to_string(kv_heads) +
+                        ", max_seq, head_dim]");
+  const int64_t batch = cache[0], max_seq = cache[2], d = cache[3];
+  const int64_t width = (heads + 2 * kv_heads) * d;
+  if (dims[0] != std::vector<int64_t>{batch, 1, width})
+    return fail(op, "QKV " + dims_text(dims[0]) + " must be [" + std::to_string(batch) +
+                        ", 1, " + std::to_string(width) + "] (one token of packed q|k|v)");
+  if (dims[3] != std::vector<int64_t>{batch})
+    return fail(op, "cache_length " + dims_text(dims[3]) + " must be [" +
+                        std::to_string(batch) + "]");
+  if (dims[4].size() != 2 || dims[4][1] * 2 != d || dims[5] != dims[4])
+    return fail(op, "cos " + dims_text(dims[4]) + " and sin " + dims_text(dims[5]) +
+                        " must be [positions, " + std::to_string(d / 2) + "]");
+  const std::vector<int64_t> y_dims{batch, 1, heads * d};
+  OrtValue *y = nullptr, *present_k = nullptr, *present_v = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), 3, &y));
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 1, cache.data(), 4, &present_k));
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 2, cache.data(), 4, &present_v));
+  float *qkv, *past_k, *past_v, *cos, *sin, *yp, *kp, *vp;
+  int32_t* lengths;
+  FLAGC_TRY(data_of(in[0], &qkv));
+  FLAGC_TRY(data_of(in[1], &past_k));
+  FLAGC_TRY(data_of(in[2], &past_v));
+  FLAGC_TRY(data_of(in[3], &lengths));
+  FLAGC_TRY(data_of(in[4], &cos));
+  FLAGC_TRY(data_of(in[5], &sin));
+  FLAGC_TRY(data_of(y, &yp));
+  FLAGC_TRY(data_of(present_k, &kp));
+  FLAGC_TRY(data_of(present_v, &vp));
+  const size_t bytes = static_cast<size_t>(batch * kv_heads * max_seq * d) * sizeof(float);
+  if (kp != past_k) std::memcpy(kp, past_k, bytes);  // not one shared buffer: carry the past
+  if (vp != past_v) std::memcpy(vp, past_v, bytes);
+  const float s = scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d));
+  if (flagc_decode_attention(qkv, kp, vp, lengths, cos, sin, yp, batch, heads, kv_heads, d,
+                             max_seq, dims[4][0], s, interleaved) != 0)
+    return fail(op, "a cache_length leaves no slot below max_seq " + std::to_string(max_seq) +
+                        " or no rotary position below " + std::to_string(dims[4][0]));
+  return nullptr;
+}
+
+OrtStatus* attention_create(const OrtKernelInfo* info, bool, void** out) {
+  const int64_t heads = int_attribute(info, "num_heads", 0);
+  const int64_t kv_heads = int_attribute(info, "kv_num_heads", 0);
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+    return fail("DecodeAttention", "num_heads (" + std::to_string(heads) + ") must be a "
+                "positive multiple of kv_num_heads (" + std::to_string(kv_heads) + ")");
+  *out = static_cast<Kernel*>(new AttentionKernel(
+      heads, kv_heads, float_attribute(info, "scale", 0.f),
+      int_attribute(info, "rotary_interleaved", 0) != 0));
+  return nullptr;
+}
+
 // ---- registration --------------------------------------------------------------------------
 
 using Create = OrtStatus* (*)(const OrtKernelInfo*, bool, void**);
@@ -247,12 +346,16 @@ Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> i
 }
 
 constexpr auto F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
 
 // The ops outlive every session that uses them: static storage.
 std::vector<Op>& ops() {
   static std::vector<Op> all = [] {
     std::vector<Op> v;
     v.push_back(make_op("DecodeGemv", false, {F16, F16, F16}, {F16}, 2, gemv_create));
+    v.push_back(make_op("DecodeAttention", false, {F32, F32, F32, I32, F32, F32},
+                        {F32, F32, F32}, 6, attention_create));
 #ifdef FLAGC_WITH_CUDA
     v.push_back(make_op("DecodeGemv", true, {F16, F16, F16}, {F16}, 2, gemv_create));
 #endif
