@@ -42,6 +42,11 @@ def _gemv_session(w, b=None, gated=0, x_shape=(2, 3, 64)):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT16, list(x_shape))], [helper.make_tensor_value_info(
             "y", TensorProto.FLOAT16, None)], inits)
+    return _session_with_kernels(graph)
+
+
+def _session_with_kernels(graph):
+    """A CPU session of the one-graph model `graph`, able to run flagc's ops."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("ai.flagc", 1)])
     model.ir_version = 8
@@ -114,15 +119,19 @@ def test_missing_compilers_are_clear_errors(tmp_path, monkeypatch):
         kernels.library_path()
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("kernels")
+def _on_both_kernels(model, root, target, **kw):
+    """{kernels: artifact folder} of `model` built on onnxruntime's kernels and on flagc's."""
     out = {}
     for kind in ("onnxruntime", "flagc"):
         out[kind] = str(root / kind)
-        flagc.build(tiny_llama, "onnx-fp16", out[kind], max_seq=64, max_batch=8,
-                    decode_graphs=[1, 2, 8], kernels=kind)
+        flagc.build(model, target, out[kind], max_seq=64, kernels=kind, **kw)
     return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_llama, tmp_path_factory):
+    return _on_both_kernels(tiny_llama, tmp_path_factory.mktemp("kernels"), "onnx-fp16",
+                            max_batch=8, decode_graphs=[1, 2, 8])
 
 
 def _ops(path):
@@ -243,15 +252,7 @@ def _attention_session(interleaved=0, scale=0.0):
          helper.make_tensor_value_info("v", TensorProto.FLOAT, cache)],
         [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
          numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.flagc", 1)])
-    model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    kernels.register(opts)
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    return sess, np.cos(angles), np.sin(angles)
+    return _session_with_kernels(graph), np.cos(angles), np.sin(angles)
 
 
 def _attention_reference(qkv, pk, pv, lengths, cos, sin, interleaved, scale):
@@ -320,13 +321,8 @@ def test_decode_attention_refuses_a_cache_without_room():
 
 @pytest.fixture(scope="module")
 def cpu_attention(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cpu_attention")
-    out = {}
-    for kernels_name in ("onnxruntime", "flagc"):
-        out[kernels_name] = str(root / kernels_name)
-        flagc.build(tiny_llama, "onnx-fp32", out[kernels_name], max_seq=64, max_batch=4,
-                    decode_graphs=[1, 2], kernels=kernels_name)
-    return out
+    return _on_both_kernels(tiny_llama, tmp_path_factory.mktemp("cpu_attention"), "onnx-fp32",
+                            max_batch=4, decode_graphs=[1, 2])
 
 
 def test_float32_dense_graphs_attend_with_decode_attention(cpu_attention):

@@ -88,22 +88,23 @@ OrtStatus* data_of(const OrtValue* value, T** out) {
   return nullptr;
 }
 
-int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t v = fallback;
-  if (OrtStatus* missing = g_api->KernelInfoGetAttribute_int64(info, name, &v)) {
+// An attribute's value, `fallback` when the node does not set it (`get`: the C API's getter).
+template <typename T, typename Get>
+T attribute(const OrtKernelInfo* info, const char* name, T fallback, Get get) {
+  T v = fallback;
+  if (OrtStatus* missing = get(info, name, &v)) {
     g_api->ReleaseStatus(missing);
     return fallback;
   }
   return v;
 }
 
+int64_t int_attribute(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  return attribute(info, name, fallback, g_api->KernelInfoGetAttribute_int64);
+}
+
 float float_attribute(const OrtKernelInfo* info, const char* name, float fallback) {
-  float v = fallback;
-  if (OrtStatus* missing = g_api->KernelInfoGetAttribute_float(info, name, &v)) {
-    g_api->ReleaseStatus(missing);
-    return fallback;
-  }
-  return v;
+  return attribute(info, name, fallback, g_api->KernelInfoGetAttribute_float);
 }
 
 // Every op's kernel: onnxruntime's compute and destroy callbacks get only this pointer.
