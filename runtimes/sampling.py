@@ -405,8 +405,7 @@ class Sampler:
         if self.batch_size is not None and len(tokens) != self.batch_size:
             raise RuntimeInputError(f"Sampler.take: {len(tokens)} tokens, but begin() got "
                                     f"{self.batch_size} rows")
-        if (self.num_generated < self.params.min_new_tokens and self._suppressed.size
-                and not self._suppressed_set.isdisjoint(tokens.tolist())):
+        if self.suppressed_now.size and not self._suppressed_set.isdisjoint(tokens.tolist()):
             return self.step(logits())
         token_logits = np.asarray(token_logits).reshape(-1)
         if not np.isfinite(token_logits).all():
@@ -465,9 +464,9 @@ class Sampler:
         modified. Public so the generation loop can report and tests can check it.
         """
         p = self.params
-        suppress = self.num_generated < p.min_new_tokens and self._suppressed.size > 0
+        suppressed = self.suppressed_now
         x = np.asarray(logits, dtype=np.float32)
-        if self._seen_flat.size or self._offset is not None or suppress:
+        if self._seen_flat.size or self._offset is not None or suppressed.size:
             x = x.copy()  # one copy; everything below works in place on it
         if self._seen_flat.size:
             # transformers: shrink positive logits by division and negative ones by multiplication.
@@ -477,8 +476,8 @@ class Sampler:
             flat[self._seen_flat] = np.where(seen < 0, seen * pen, seen / pen)
         if self._offset is not None:
             x -= self._offset
-        if suppress:
-            x[:, self._suppressed] = -np.inf
+        if suppressed.size:
+            x[:, suppressed] = -np.inf
         return x
 
     def _draw(self, idx: np.ndarray | None, vals: np.ndarray) -> np.ndarray:
