@@ -56,10 +56,10 @@ void softmax(float* s, int64_t n) {
 }
 
 #ifdef __AVX512F__
-constexpr int64_t kMaxGroup = 8, kLanes = 16, kMaxD = 128;
+constexpr int64_t kMaxGroup = 8, kLanes = 16;
 
 // Scores and weighted values of `group` query heads over one key/value head whose head_dim
-// d is a multiple of 16 (<= 128): the queries and outputs live in registers, each cached
+// d is 32, 64 or 128: the queries and outputs live in registers, each cached
 // key and value row is loaded once.
 template <int64_t D>
 void attend_group(const float* qg, const float* kc, const float* vc, float* scores, float* og,
@@ -95,8 +95,8 @@ void attend_group(const float* qg, const float* kc, const float* vc, float* scor
 
 bool attend_group_avx512(const float* qg, const float* kc, const float* vc, float* scores,
                          float* og, int64_t group, int64_t d, int64_t n, float scale) {
-  if (group > kMaxGroup || d > kMaxD) return false;
-  switch (d) {
+  if (group > kMaxGroup) return false;
+  switch (d) {  // head sizes with a register layout; others take the portable loop
     case 64: attend_group<64>(qg, kc, vc, scores, og, group, n, scale); return true;
     case 128: attend_group<128>(qg, kc, vc, scores, og, group, n, scale); return true;
     case 32: attend_group<32>(qg, kc, vc, scores, og, group, n, scale); return true;
