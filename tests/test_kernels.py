@@ -348,3 +348,278 @@ def test_cpu_attention_generates_onnxruntimes_tokens(cpu_attention, prompts, kw)
         return [x.token_ids for x in r] if isinstance(r, list) else r.token_ids
 
     assert ids(ours) == ids(ref)
+
+
+# -- QGemv: block-quantized products of the int4 / 8-bit decode graphs (CPU) -----------------
+
+def _qgemv_session(packed, n, k, bits, bias=None, gated=0, rows=1):
+    inits = [numpy_helper.from_array(packed, "p")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+    node = helper.make_node("QGemv", ["x", "p"] + (["b"] if bias is not None else []), ["y"],
+                            domain="ai.flagc", N=n, K=k, bits=bits, gated=gated)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [rows, k])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    return _session_with_kernels(graph)
+
+
+def _qgemv_reference(x, codes, d, m, bias=None, gated=False):
+    """numpy: x quantized to int8 per block of 32 (scale amax / 127, round half even), times
+    w = d * q + m, in float64."""
+    rows, k = x.shape
+    nb = -(-k // 32)
+    xp = np.zeros((rows, nb * 32), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(rows, nb, 32)
+    sx = np.abs(xb).max(-1) / np.float32(127)
+    xq = np.rint(xb / np.where(sx == 0, 1, sx)[..., None]) * sx[..., None]
+    q = np.zeros((codes.shape[0], nb * 32))
+    q[:, :k] = codes
+    w = (d.astype(np.float64)[..., None] * q.reshape(-1, nb, 32)
+         + m.astype(np.float64)[..., None]).reshape(-1, nb * 32)
+    y = xq.reshape(rows, -1).astype(np.float64) @ w.T + (0 if bias is None else bias)
+    if gated:
+        gate, up = np.split(y, 2, axis=1)
+        y = gate / (1 + np.exp(-gate)) * up
+    return y
+
+
+def _random_qgemv(rng, n, k, bits):
+    nb = -(-k // 32)
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    d = (rng.random((n, nb)) * 0.02 + 1e-3).astype(np.float16)
+    m = (-rng.random((n, nb)) * 0.1 * (1 << bits) / 16).astype(np.float16)
+    return codes, d, m
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows,n,k,bias,gated", [
+    (1, 40, 72, False, 0), (3, 33, 64, True, 0), (5, 16, 96, False, 0), (4, 96, 576, True, 0),
+    (1, 64, 72, False, 1), (3, 96, 64, True, 1), (6, 32, 40, True, 1)])
+def test_qgemv_matches_numpy(bits, rows, n, k, bias, gated):
+    from flagc.lower.onnx_qgemv import pack_qgemv
+
+    rng = np.random.default_rng(rows * 100 + n + bits)
+    codes, d, m = _random_qgemv(rng, n, k, bits)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, :8] = 0  # a block partly zero, and (K = 40, 72) a partial last block
+    sess = _qgemv_session(pack_qgemv(codes, d, m, bits), n, k, bits, b, gated, rows)
+    got = sess.run(None, {"x": x})[0]
+    want = _qgemv_reference(x, codes, d, m, b, gated)
+    assert got.shape == (rows, n // 2 if gated else n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_qgemv_errors_name_the_shapes():
+    from flagc.lower.onnx_qgemv import pack_qgemv
+
+    rng = np.random.default_rng(0)
+    packed = pack_qgemv(*_random_qgemv(rng, 32, 64, 4), 4)
+    sess = _qgemv_session(packed, 48, 64, 4)  # N says 48 rows: three tiles, packed has two
+    with pytest.raises(Exception, match=r"QGemv: packed weights \[2, 2, 320\] must be "
+                                        r"\[3, 2, 320\] for N = 48, K = 64, bits = 4"):
+        sess.run(None, {"x": np.ones((1, 64), np.float32)})
+    with pytest.raises(Exception, match="gated=1 needs N \\(48\\) to be gate rows then up"):
+        _qgemv_session(packed, 48, 64, 4, gated=1)
+
+
+@pytest.mark.parametrize("bits,block,symmetric", [(4, 32, False), (4, 64, False),
+                                                  (4, 128, True), (8, 32, True)])
+def test_qgemv_weights_compute_what_matmulnbits_computes(bits, block, symmetric):
+    import torch
+
+    from flagc.ir.quant import QuantScheme, dequantize_weight, quantize_weight
+    from flagc.lower.onnx_qgemv import qgemv_weights
+
+    rng = np.random.default_rng(bits + block)
+    n, k = 48, 256
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    codes, scales, zp = quantize_weight(w, QuantScheme(bits, block, symmetric))
+    packed = qgemv_weights(codes, scales, zp, None, bits, k)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = _qgemv_session(packed, n, k, bits, rows=3).run(None, {"x": x})[0]
+    mnb = helper.make_node("MatMulNBits", ["x", "B", "s"] + (["z"] if zp is not None else []),
+                           ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+                           accuracy_level=4)
+    inits = [numpy_helper.from_array(codes, "B"),
+             numpy_helper.from_array(scales.reshape(-1), "s")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "z"))
+    model = helper.make_model(helper.make_graph(
+        [mnb], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    want = ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # float16 scales move a weight by ~2^-12 of its step; activations are rounded alike
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= (2e-3 if block == 32 else 2e-2) * scale
+    # the weight it packs is the codes' own weight up to float16 rounding of d and m
+    exact = dequantize_weight(torch.from_numpy(codes), torch.from_numpy(scales),
+                              None if zp is None else torch.from_numpy(zp), bits=bits,
+                              k=k).numpy()
+    q, d, m = _unpacked(packed, n, k, bits)
+    packed_w = (d.astype(np.float32)[..., None] * q.reshape(n, -1, 32)
+                + m.astype(np.float32)[..., None]).reshape(n, k)
+    np.testing.assert_allclose(packed_w, exact, rtol=0, atol=2e-3 * np.abs(exact).max())
+    assert np.abs(packed_w - exact).max() > 0  # (RTN scales are not float16 values)
+
+
+def _unpacked(packed, n, k, bits):
+    """(codes, d, m) back from the packed layout (the inverse of pack_qgemv)."""
+    tiles, nb, _ = packed.shape
+    code_bytes = 16 * 32 * bits // 8
+    quads = packed[..., :code_bytes].reshape(tiles, nb, -1, 16, 4).transpose(0, 1, 3, 2, 4)
+    quads = quads.reshape(tiles, nb, 16, -1)
+    if bits == 4:
+        quads = np.concatenate([quads & 15, quads >> 4], axis=-1)
+    codes = quads.transpose(0, 2, 1, 3).reshape(tiles * 16, nb * 32)[:n, :k]
+    scales = [np.ascontiguousarray(packed[..., code_bytes + 32 * i:code_bytes + 32 * (i + 1)])
+              .view(np.float16).transpose(0, 2, 1).reshape(tiles * 16, nb)[:n]
+              for i in (0, 1)]
+    return codes, scales[0], scales[1]
+
+
+@pytest.fixture(scope="module")
+def int4_kernels(tiny_llama, tmp_path_factory):
+    return _on_both_kernels(tiny_llama, tmp_path_factory.mktemp("int4_kernels"), "onnx-int4",
+                            max_batch=4, decode_graphs=[1, 2])
+
+
+def test_int4_static_graphs_multiply_with_qgemv(int4_kernels):
+    art = int4_kernels["flagc"]
+    manifest = flagc.load(art).manifest
+    assert manifest["custom_ops"] == {"domain": "ai.flagc", "device": "cpu", "files": [
+        "decode-b1.onnx", "decode-b1-dense.onnx", "decode-b2.onnx", "decode-b2-dense.onnx"]}
+    assert "decode-qgemv.data" in manifest["files"]
+    for file in manifest["custom_ops"]["files"]:
+        ops = _ops(os.path.join(art, file))
+        # per layer q|k|v, o, gated gate|up, down; the 8-bit LM head
+        assert ops["QGemv"] == 2 * 4 + 1, file
+        assert not {"MatMulNBits", "Sigmoid"} & set(ops), file  # the MLP's Split went too
+        assert ops["Split"] == (0 if "dense" in file else 2), file  # (padded: q|k|v's split)
+    assert _ops(os.path.join(art, "model.onnx"))["MatMulNBits"] == 9  # prefill keeps its GEMM
+    packed = [{t.name for t in onnx.load(os.path.join(art, f), load_external_data=False)
+               .graph.initializer if t.name.endswith(".qgemv")}
+              for f in manifest["custom_ops"]["files"]]
+    assert len(packed[0]) == 9 and all(p == packed[0] for p in packed)  # written once
+
+
+@pytest.mark.parametrize("prompts,kw", [
+    ([9, 8, 7, 6], {}), ([9, 8, 7, 6], {"min_new_tokens": 12}),
+    ([[9, 8, 7, 6], [5, 4, 3, 2]], {}), ([[9, 8, 7, 6, 5], [4, 3]], {}),
+    ([9, 8, 7, 6], {"temperature": 0.9, "seed": 3}), ([9, 8, 7, 6], {"num_beams": 2})])
+def test_qgemv_generates_onnxruntimes_tokens(int4_kernels, prompts, kw):
+    ours = flagc.load(int4_kernels["flagc"]).generate(prompts, max_new_tokens=12, **kw)
+    ref = flagc.load(int4_kernels["onnxruntime"]).generate(prompts, max_new_tokens=12, **kw)
+
+    def ids(r):
+        return [x.token_ids for x in r] if isinstance(r, list) else r.token_ids
+
+    assert ids(ours) == ids(ref)
+
+
+@pytest.fixture(scope="module")
+def grid_llama(tiny_llama, tmp_path_factory):
+    """tiny_llama with every projection on a GGUF Q4_1 grid (w = d * q + m per block of 32,
+    d and m float16), as SmolLM2's GGUF checkpoint is."""
+    import shutil
+
+    import safetensors.numpy
+
+    folder = str(tmp_path_factory.mktemp("grid") / "llama")
+    shutil.copytree(tiny_llama, folder)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = safetensors.numpy.load_file(path)
+    for name, w in tensors.items():
+        if name.endswith("proj.weight"):
+            n, k = w.shape
+            b = w.astype(np.float32).reshape(n, k // 32, 32)
+            lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+            d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+            m = lo.astype(np.float16).astype(np.float32)
+            q = np.clip(np.rint((b - m) / d), 0, 15)
+            q[..., 0], q[..., 1] = 0, 15  # each block spans its grid
+            tensors[name] = (d * q + m).reshape(n, k).astype(w.dtype)
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    return _on_both_kernels(folder, tmp_path_factory.mktemp("grid_kernels"), "onnx-int4",
+                            max_batch=2, decode_graphs=[1, 2],
+                            pass_options={"quant_exact_grid": True})
+
+
+def test_exact_grid_offsets_fold_into_qgemv(grid_llama):
+    """The offsets' term of an exact grid folds into QGemv's per-block offsets. QGemv computes
+    the reference's product (x rounded per block) times the exact weights; the dynamic graph's
+    MatMulNBits adds the offsets' term from unrounded x, so the two differ by activation
+    rounding only: teacher-forced logits close, the same picks."""
+    art = grid_llama["flagc"]
+    layers = flagc.load(art).manifest["precision_plan"]["quantization"]["layers"]
+    assert sum("exact grid" in v["scheme"] for v in layers.values()) == 8  # 4 merged x 2 layers
+    ops = _ops(os.path.join(art, "decode-b1-dense.onnx"))
+    assert ops["QGemv"] == 9 and not {"ReduceSum", "MatMulNBits", "MatMul"} & set(ops)
+    assert _ops(os.path.join(art, "model.onnx"))["ReduceSum"] == 8  # the offsets' term
+    static = flagc.load(art).decoder
+    dynamic = flagc.load(art, static_decode=False).decoder
+    prompts = [[9, 8, 7, 6, 5], [4, 3, 2, 1, 7]]
+    static.prefill(prompts, 0, 20)
+    dynamic.prefill(prompts, 0, 20)
+    forced = np.random.default_rng(1).integers(3, 128, (12, 2))
+    agree = 0
+    for feed in forced:
+        got, want = static.append(feed), dynamic.append(feed)
+        assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    assert agree >= 22  # of 24 picks
+
+
+def test_qgemv_rewrite_folds_offsets_and_gating(tmp_path):
+    """use_qgemv on MatMulNBits -> + offsets' term -> Split -> silu(gate) * up, as onnx_quant
+    lowers an exact-grid gated MLP: one QGemv computing x (rounded per block) times the
+    exact weights."""
+    from flagc.lower.onnx_qgemv import QGemvWeights, use_qgemv
+
+    rng = np.random.default_rng(5)
+    n, k, nb = 64, 96, 3
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    d = (rng.random((n, nb)) * 0.05 + 0.01).astype(np.float16)
+    m = (-rng.random((n, nb)) * 0.4).astype(np.float16)
+    packed_b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, nb, 16)
+    inits = [numpy_helper.from_array(packed_b, "B"),
+             numpy_helper.from_array(d.astype(np.float32).reshape(-1), "s"),
+             numpy_helper.from_array(np.zeros((n, 2), np.uint8), "z"),
+             numpy_helper.from_array(np.ascontiguousarray(m.astype(np.float32).T), "off"),
+             numpy_helper.from_array(np.array([0, nb, 32], np.int64), "shape"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array([n // 2, n // 2], np.int64), "halves")]
+    nodes = [helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["main"],
+                              domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                              accuracy_level=4),
+             helper.make_node("Reshape", ["x", "shape"], ["blocks"]),
+             helper.make_node("ReduceSum", ["blocks", "axes"], ["sums"], keepdims=0),
+             helper.make_node("MatMul", ["sums", "off"], ["term"]),
+             helper.make_node("Add", ["main", "term"], ["gate_up"]),
+             helper.make_node("Split", ["gate_up", "halves"], ["gate", "up"], axis=-1),
+             helper.make_node("Sigmoid", ["gate"], ["sig"]),
+             helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+             helper.make_node("Mul", ["silu", "up"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    assert use_qgemv(model, QGemvWeights(str(tmp_path))) == 1
+    (node,) = [x for x in model.graph.node if x.op_type == "QGemv"]
+    assert list(node.input)[0] == "x" and list(node.output) == ["y"]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == \
+        {"N": n, "K": k, "bits": 4, "gated": 1}
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    opts = ort.SessionOptions()
+    kernels.register(opts)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), opts,
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = _qgemv_reference(x, codes, d, m, gated=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

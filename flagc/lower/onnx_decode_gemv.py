@@ -18,42 +18,32 @@ vector), so larger batches keep their MatMuls.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flagc.lower.onnx_stream import append_tensor
+from flagc.lower.onnx_stream import DerivedWeights
 
-__all__ = ["DOMAIN", "MAX_ROWS", "DATA_FILE", "TransposedWeights", "use_decode_gemv"]
+__all__ = ["DOMAIN", "MAX_ROWS", "DATA_FILE", "TransposedWeights", "use_decode_gemv",
+           "gated_tail"]
 
 DOMAIN = "ai.flagc"
 MAX_ROWS = 4
 DATA_FILE = "decode-gemv.data"
 
 
-class TransposedWeights:
-    """[N, K] copies of [K, N] initializers, appended to DATA_FILE once per name (streamed in
-    tiles by onnx_stream.append_tensor: no full-size transposed copy in memory)."""
+class TransposedWeights(DerivedWeights):
+    """[N, K] copies of [K, N] initializers in DATA_FILE (streamed in tiles by
+    onnx_stream.append_tensor: no full-size transposed copy in memory)."""
 
     def __init__(self, folder: str):
-        self.folder = folder
-        self.path = os.path.join(folder, DATA_FILE)
-        self._done: dict[str, TensorProto] = {}
+        super().__init__(folder, DATA_FILE)
 
-    def get(self, tensor: TensorProto) -> TensorProto:
-        name = tensor.name + ".nk"
-        if name not in self._done:
-            w = numpy_helper.to_array(tensor, base_dir=self.folder)
-            # not append mode: the tiled writer places rows with pwrite, which O_APPEND ignores
-            with open(self.path, "r+b" if os.path.exists(self.path) else "w+b") as f:
-                f.seek(0, os.SEEK_END)
-                self._done[name] = append_tensor(w.T, w.dtype, tensor.data_type, name, f,
-                                                 DATA_FILE)
-        copy = TensorProto()
-        copy.CopyFrom(self._done[name])
-        return copy
+    def transposed(self, tensor: TensorProto) -> TensorProto:
+        return self.get(tensor.name + ".nk",
+                        lambda: numpy_helper.to_array(tensor, base_dir=self.folder).T,
+                        tensor.data_type)
 
 
 def use_decode_gemv(model: onnx.ModelProto, weights: TransposedWeights) -> int:
@@ -86,10 +76,10 @@ def use_decode_gemv(model: onnx.ModelProto, weights: TransposedWeights) -> int:
         w = weight(node.input[1])
         if w is None:
             continue
-        w_nk = weights.get(w)
+        w_nk = weights.transposed(w)
         new_inits[w_nk.name] = w_nk
         inputs, out, absorbed, extra = [node.input[0], w_nk.name], node.output[0], [], {}
-        gated = _gated_tail(node, w, only_reader, consumers, inits)
+        gated = gated_tail(node.output[0], int(w.dims[1]), only_reader, consumers, inits)
         if gated is not None:
             (out, absorbed), extra["gated"] = gated, 1
         else:
@@ -123,13 +113,14 @@ def _bias_of(add, matmul_out: str, inits, n: int) -> str | None:
     return other
 
 
-def _gated_tail(matmul, w, only_reader, consumers, inits):
-    """(output, absorbed nodes) when `matmul` feeds Split(F, F) -> silu(gate) * up, else None."""
-    split = only_reader(matmul.output[0])
+def gated_tail(product: str, n: int, only_reader, consumers, inits):
+    """(output, absorbed nodes) when the [.., n] tensor `product` feeds
+    Split(n / 2, n / 2) -> silu(gate) * up and nothing else, else None."""
+    split = only_reader(product)
     if split is None or split.op_type != "Split" or len(split.output) != 2:
         return None
     axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
-    half = int(w.dims[1]) // 2
+    half = n // 2
     sizes = inits.get(split.input[1]) if len(split.input) > 1 else None
     if axis not in (-1, 2) or sizes is None or sizes.data_location == TensorProto.EXTERNAL \
             or list(numpy_helper.to_array(sizes)) != [half, half]:

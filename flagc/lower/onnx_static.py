@@ -54,6 +54,8 @@ from flagc.lower.onnx_greedy_screen import BITS as SCREEN_BITS
 from flagc.lower.onnx_greedy_screen import BLOCK as SCREEN_BLOCK
 from flagc.lower.onnx_greedy_screen import CANDIDATES, ScreenWeights, use_greedy_screen
 from flagc.lower.onnx_greedy_screen import DATA_FILE as SCREEN_DATA
+from flagc.lower.onnx_qgemv import DATA_FILE as QGEMV_DATA
+from flagc.lower.onnx_qgemv import QGemvWeights, use_qgemv
 
 __all__ = ["write_static_decodes", "static_decode_file", "dense_decode_file",
            "greedy_decode_file", "GRAPH_KINDS", "CACHE_LENGTH",
@@ -95,7 +97,8 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
     kernels="flagc": fp16 graphs of up to onnx_decode_gemv.MAX_ROWS rows multiply with flagc's
     DecodeGemv (runtimes/kernels, CUDA; "data" then names the transposed weights' file);
     float32 dense graphs attend with flagc's DecodeAttention (CPU,
-    onnx_decode_attention.py). The result then also has "custom_ops": {"domain", "device",
+    onnx_decode_attention.py) and MatMulNBits become QGemv (CPU, onnx_qgemv.py; "data" then
+    names the packed weights' file). The result then also has "custom_ops": {"domain", "device",
     "files"} (the graphs that need the kernel library, and the device its kernels are for).
     greedy_screen: where the LM head is a float32 MatMul, each graph also gets a greedy
     variant that screens the head at 8 bits (onnx_greedy_screen.py, CPU): "greedy_graphs" and
@@ -105,6 +108,7 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
     _check_supported(template.graph, label or engine_path)
     folder = os.path.dirname(engine_path)
     gemv = TransposedWeights(folder) if kernels == "flagc" else None
+    qgemv = QGemvWeights(folder) if kernels == "flagc" else None
     screen = ScreenWeights(folder) if greedy_screen else None
     out: dict[str, Any] = {"graphs": {}, "dense_graphs": {}}
     custom: dict[str, list[str]] = {}  # device -> graphs on flagc's kernels for it
@@ -112,7 +116,7 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
         use_gemv = gemv if batch <= MAX_ROWS else None
         for kind, dense in (("graphs", False), ("dense_graphs", True)):
             model, device = _specialize(template, batch, max_seq, dense, use_gemv,
-                                        attention=kernels == "flagc")
+                                        attention=kernels == "flagc", qgemv=qgemv)
             if model is None:
                 continue
             name = dense_decode_file(batch) if dense else static_decode_file(batch)
@@ -133,6 +137,8 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
         out["custom_ops"] = {"domain": KERNELS_DOMAIN, "device": device, "files": files}
         if device == "cuda":
             data.append(GEMV_DATA)
+    if qgemv is not None and qgemv.used:
+        data.append(QGEMV_DATA)
     if out.get("greedy_graphs") or out.get("greedy_dense_graphs"):
         out["greedy_screen"] = {"device": "cpu", "bits": SCREEN_BITS, "block": SCREEN_BLOCK,
                                 "candidates": CANDIDATES}
@@ -143,12 +149,14 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
 
 
 def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool,
-                gemv: TransposedWeights | None = None, attention: bool = False
+                gemv: TransposedWeights | None = None, attention: bool = False,
+                qgemv: QGemvWeights | None = None
                 ) -> tuple[onnx.ModelProto | None, str | None]:
     """One static graph specialized from (a copy of) `template`, and the device of the flagc
     kernels it uses (None: none); (None, None) when `dense` and the graph does not pack.
     `gemv`: multiply with flagc's DecodeGemv (onnx_decode_gemv.py, CUDA); `attention`: a
-    dense float32 graph attends with flagc's DecodeAttention (onnx_decode_attention.py, CPU)."""
+    dense float32 graph attends with flagc's DecodeAttention (onnx_decode_attention.py, CPU);
+    `qgemv`: MatMulNBits become flagc's QGemv (onnx_qgemv.py, CPU)."""
     model = onnx.ModelProto()
     model.CopyFrom(template)
     g = model.graph
@@ -176,6 +184,8 @@ def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool
         return None, None
     device = "cuda" if gemv is not None and use_decode_gemv(model, gemv) else None
     if attention and dense and device is None and use_decode_attention(model):
+        device = "cpu"
+    if qgemv is not None and device != "cuda" and use_qgemv(model, qgemv):
         device = "cpu"
     _drop_dead(g)
     if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:

@@ -19,7 +19,7 @@ from flagc.ir.types import DType, torch_view
 from flagc.lower.onnx_emit import ONNX_DTYPE
 
 __all__ = ["external_tensor", "append_tensor", "write_array", "release_freed_memory",
-           "BLOCK_BYTES", "ALIGN"]
+           "DerivedWeights", "BLOCK_BYTES", "ALIGN"]
 
 BLOCK_BYTES = 16 * 2**20  # converted bytes per block: big enough to stream at disk speed
 ALIGN = 64  # aligned offsets let onnxruntime memory-map tensors directly
@@ -135,3 +135,35 @@ def append_tensor(arr: np.ndarray, dtype: np.dtype, onnx_dtype: int, name: str, 
         entry = t.external_data.add()
         entry.key, entry.value = k, v
     return t
+
+
+class DerivedWeights:
+    """Weights in another layout for a kernel (transposed, packed), appended once per name to
+    one data file beside the graphs (`file_name` in `folder`) and shared by every graph that
+    names them."""
+
+    def __init__(self, folder: str, file_name: str):
+        self.folder, self.file_name = folder, file_name
+        self.path = os.path.join(folder, file_name)
+        self._done: dict[str, TensorProto] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._done
+
+    @property
+    def used(self) -> bool:
+        return bool(self._done)
+
+    def get(self, name: str, derive, onnx_dtype: int) -> TensorProto:
+        """The external-data proto of tensor `name`, written from `derive()` (an array, possibly
+        a strided view) the first time it is asked for."""
+        if name not in self._done:
+            arr = derive()
+            # not append mode: the tiled writer places rows with pwrite, which O_APPEND ignores
+            with open(self.path, "r+b" if os.path.exists(self.path) else "w+b") as f:
+                f.seek(0, os.SEEK_END)
+                self._done[name] = append_tensor(arr, arr.dtype, onnx_dtype, name, f,
+                                                 self.file_name)
+        copy = TensorProto()
+        copy.CopyFrom(self._done[name])
+        return copy

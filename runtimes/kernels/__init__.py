@@ -28,7 +28,7 @@ __all__ = ["DOMAIN", "library_path", "register", "find_nvcc", "find_cxx"]
 
 DOMAIN = "ai.flagc"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CPU_SOURCES = ("ort_ops.cc", "decode_attention.cc")
+_CPU_SOURCES = ("ort_ops.cc", "decode_attention.cc", "qgemv.cc")
 _CUDA_SOURCES = ("decode_gemv.cu",)
 _LIBRARY = "libflagc_kernels.so"
 # Ampere and Hopper machine code, plus Hopper PTX that newer GPUs compile at load.

@@ -11,6 +11,15 @@
 //     memory, as onnxruntime's GroupQueryAttention with past_present_share_buffer); otherwise
 //     past is copied into present first. CPU provider.
 //
+//   QGemv(X [..., K] float32, P uint8 [ceil(N / 16), ceil(K / 32), record], B [N] optional)
+//         -> Y [..., N'] float32
+//     attributes N, K, bits (4 or 8), gated (default 0). Y = X W^T + B for W [N, K]
+//     block-quantized in qgemv.cc's packed layout (16-row tiles, float16 scale and offset per
+//     block of 32), the activations quantized per block of 32 to int8; gated=1: W holds gate
+//     rows then up rows (N / 2 each, a multiple of 16), N' = N / 2 and
+//     Y = silu(X W_gate^T + B_gate) * (X W_up^T + B_up). Split over onnxruntime's intra-op
+//     threads by tiles. CPU provider.
+//
 //   DecodeGemv(X [..., K] fp16, W [N, K] fp16, B [N] fp16 optional) -> Y [..., N'] fp16
 //     attribute gated (int, default 0): 0 -> Y = X W^T + B, N' = N;
 //                                       1 -> W holds gate rows then up rows, N' = N / 2,
@@ -21,9 +30,11 @@
 //     without a GPU.
 //
 // Written against onnxruntime's C API (third_party/onnxruntime_c_api.h), which keeps its ABI
-// across releases: everything used here exists since API version 16 (onnxruntime 1.16), so the
-// ops ask for that version and run on any onnxruntime since.
+// across releases: everything used here exists since API version 17, so the
+// ops ask for API version 17 (KernelContext_ParallelFor, onnxruntime 1.17) and run on any
+// onnxruntime since.
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +51,13 @@ int flagc_decode_attention(const float* qkv, float* key_cache, float* value_cach
                            int64_t d, int64_t max_seq, int64_t positions, float scale,
                            bool interleaved);
 
+int64_t flagc_qgemv_tile_bytes(int bits);
+void flagc_qgemv_quantize(const float* x, int64_t rows, int64_t k, int64_t nb, int8_t* xq,
+                          float* sx, float* sums);
+void flagc_qgemv_tiles(const uint8_t* packed, int bits, int64_t n, int64_t nb, bool gated,
+                       const int8_t* xq, const float* sx, const float* sums, const float* bias,
+                       float* y, int64_t rows, int64_t tile_begin, int64_t tile_end);
+
 #ifdef FLAGC_WITH_CUDA
 extern "C" int flagc_decode_gemv(const void* x, const void* w, const void* bias, void* y,
                                  int64_t m, int64_t n_w, int64_t k, int gated, void* stream);
@@ -47,7 +65,7 @@ extern "C" int flagc_decode_gemv(const void* x, const void* w, const void* bias,
 
 namespace {
 
-constexpr uint32_t kApiVersion = 16;  // CreateKernelV2 / KernelComputeV2 arrived in 16
+constexpr uint32_t kApiVersion = 17;  // KernelContext_ParallelFor arrived in 17
 const OrtApi* g_api = nullptr;
 
 #define FLAGC_TRY(expr)                     \
@@ -219,6 +237,110 @@ OrtStatus* gemv_create(const OrtKernelInfo* info, bool cuda, void** out) {
   return nullptr;
 }
 
+// ---- QGemv ---------------------------------------------------------------------------------
+
+struct QGemvKernel : Kernel {
+  QGemvKernel(int64_t n, int64_t k, int bits, bool gated)
+      : n(n), k(k), bits(bits), gated(gated) {}
+  OrtStatus* compute(OrtKernelContext* context) const override;
+  int64_t n, k;
+  int bits;
+  bool gated;
+};
+
+// One parallel task: a run of weight tiles for every activation row.
+struct QGemvTask {
+  const uint8_t* packed;
+  int bits;
+  bool gated;
+  int64_t n, nb, rows, tiles, tiles_per_task;  // n, tiles: of the output
+  const int8_t* xq;
+  const float *sx, *sums, *bias;
+  float* y;
+};
+
+constexpr int64_t kTilesPerTask = 4;  // 64 rows: small enough to balance two threads at N=576
+
+void qgemv_task(void* data, size_t i) {
+  const QGemvTask& t = *static_cast<const QGemvTask*>(data);
+  const int64_t begin = static_cast<int64_t>(i) * t.tiles_per_task;
+  flagc_qgemv_tiles(t.packed, t.bits, t.n, t.nb, t.gated, t.xq, t.sx, t.sums, t.bias, t.y, t.rows,
+                    begin, std::min(t.tiles, begin + t.tiles_per_task));
+}
+
+OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
+  const char* op = "QGemv";
+  size_t n_inputs = 0;
+  FLAGC_TRY(g_api->KernelContext_GetInputCount(context, &n_inputs));
+  const OrtValue *x = nullptr, *p = nullptr, *b = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 0, &x));
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 1, &p));
+  if (n_inputs > 2) FLAGC_TRY(g_api->KernelContext_GetInput(context, 2, &b));
+  std::vector<int64_t> x_dims, p_dims, b_dims;
+  FLAGC_TRY(shape_of(x, &x_dims));
+  FLAGC_TRY(shape_of(p, &p_dims));
+  const int64_t tiles = (n + 15) / 16, nb = (k + 31) / 32;
+  if (x_dims.empty() || x_dims.back() != k)
+    return fail(op, "X " + dims_text(x_dims) + " must end in K = " + std::to_string(k));
+  const std::vector<int64_t> want{tiles, nb, flagc_qgemv_tile_bytes(bits)};
+  if (p_dims != want)
+    return fail(op, "packed weights " + dims_text(p_dims) + " must be " + dims_text(want) +
+                        " for N = " + std::to_string(n) + ", K = " + std::to_string(k) +
+                        ", bits = " + std::to_string(bits));
+  if (b) {
+    FLAGC_TRY(shape_of(b, &b_dims));
+    if (b_dims != std::vector<int64_t>{n})
+      return fail(op, "B " + dims_text(b_dims) + " must be [" + std::to_string(n) + "]");
+  }
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) rows *= x_dims[i];
+  const int64_t n_out = gated ? n / 2 : n;
+  std::vector<int64_t> y_dims = x_dims;
+  y_dims.back() = n_out;
+  OrtValue* y = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y));
+  if (rows == 0) return nullptr;
+  QGemvTask task{};
+  float *xp = nullptr, *bp = nullptr;
+  FLAGC_TRY(data_of(x, &xp));
+  FLAGC_TRY(data_of(p, &task.packed));
+  if (b) FLAGC_TRY(data_of(b, &bp));
+  FLAGC_TRY(data_of(y, &task.y));
+  // the activations' codes, scales and block sums: a few KB per row, reused per call
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> scales;
+  xq.resize(static_cast<size_t>(rows * nb * 32));
+  scales.resize(static_cast<size_t>(2 * rows * nb));
+  flagc_qgemv_quantize(xp, rows, k, nb, xq.data(), scales.data(), scales.data() + rows * nb);
+  task.bits = bits;
+  task.gated = gated;
+  task.n = n_out;
+  task.nb = nb;
+  task.rows = rows;
+  task.tiles = (n_out + 15) / 16;
+  task.tiles_per_task = kTilesPerTask;
+  task.xq = xq.data();
+  task.sx = scales.data();
+  task.sums = scales.data() + rows * nb;
+  task.bias = bp;
+  const size_t tasks = static_cast<size_t>((task.tiles + kTilesPerTask - 1) / kTilesPerTask);
+  return g_api->KernelContext_ParallelFor(context, qgemv_task, tasks, 0, &task);
+}
+
+OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
+  const int64_t n = int_attribute(info, "N", 0), k = int_attribute(info, "K", 0);
+  const int64_t bits = int_attribute(info, "bits", 0), gated = int_attribute(info, "gated", 0);
+  if (n <= 0 || k <= 0 || (bits != 4 && bits != 8))
+    return fail("QGemv", "attributes N (" + std::to_string(n) + ") and K (" +
+                             std::to_string(k) + ") must be positive and bits (" +
+                             std::to_string(bits) + ") 4 or 8");
+  if (gated != 0 && (gated != 1 || n % 32 != 0))
+    return fail("QGemv", "gated=1 needs N (" + std::to_string(n) + ") to be gate rows then "
+                         "up rows, a multiple of 16 each (gated must be 0 or 1)");
+  *out = static_cast<Kernel*>(new QGemvKernel(n, k, static_cast<int>(bits), gated == 1));
+  return nullptr;
+}
+
 // ---- DecodeAttention -----------------------------------------------------------------------
 
 struct AttentionKernel : Kernel {
@@ -349,6 +471,7 @@ Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> i
 constexpr auto F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 
 // The ops outlive every session that uses them: static storage.
 std::vector<Op>& ops() {
@@ -357,6 +480,7 @@ std::vector<Op>& ops() {
     v.push_back(make_op("DecodeGemv", false, {F16, F16, F16}, {F16}, 2, gemv_create));
     v.push_back(make_op("DecodeAttention", false, {F32, F32, F32, I32, F32, F32},
                         {F32, F32, F32}, 6, attention_create));
+    v.push_back(make_op("QGemv", false, {F32, U8, F32}, {F32}, 2, qgemv_create));
 #ifdef FLAGC_WITH_CUDA
     v.push_back(make_op("DecodeGemv", true, {F16, F16, F16}, {F16}, 2, gemv_create));
 #endif
@@ -371,7 +495,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   g_api = api_base->GetApi(kApiVersion);
   if (g_api == nullptr) {
-    std::fprintf(stderr, "flagc kernels: need onnxruntime 1.16 or newer (C API version %u)\n",
+    std::fprintf(stderr, "flagc kernels: need onnxruntime 1.17 or newer (C API version %u)\n",
                  kApiVersion);
     return nullptr;  // no API to report through; session creation then names the unknown op
   }
