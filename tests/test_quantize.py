@@ -162,15 +162,19 @@ def test_quantize_pass_golden_int8():
         """)
 
 
-def test_quantize_pass_reads_no_weight_and_lowering_quantizes_each_once(tmp_path):
+def test_quantize_pass_is_lazy_and_lowering_quantizes_each_once(tmp_path):
     from flagc.lower.onnx_model import lower_to_onnx
 
     loads: dict[str, int] = {}
     graph = _graph(loads)
-    _quantize(graph)
+    _quantize(graph, quant_exact_grid=False)
     assert loads == {}  # lazy: nothing quantized until lowering writes the initializers
     lower_to_onnx(graph, get_target("onnx-int4"), str(tmp_path / "m.onnx"))
     assert loads == {"w1": 1, "head": 1, "b1": 1}  # codes, scales, zero points: one load
+    # by default the pass looks for exact grids: each 4-bit weight is read once more, alone
+    loads.clear()
+    _quantize(_graph(loads))
+    assert loads == {"w1": 1}  # the head keeps 8 bits: no grid to look for
 
 
 @pytest.mark.parametrize("target,options,min_cos", [

@@ -6,11 +6,12 @@
 // embedding, halves or interleaved pairs), write its key and value into slot p of the caches,
 // and attend every query head to slots 0..p of its key/value head (softmax in float32).
 // The same computation as onnxruntime's GroupQueryAttention with packed q|k|v, do_rotary and
-// past and present sharing one buffer. It runs single-threaded and loads each cached key and
-// value row once for all the query heads that share it, their queries and outputs held in
-// AVX-512 registers (a portable loop elsewhere): at SmolLM2's shape (9 query, 3 key/value heads
-// of 64) and 100 cached tokens ~22 us per layer inside onnxruntime, against 39 for its
-// GroupQueryAttention on 2 threads.
+// past and present sharing one buffer. Each (row, key/value head) is one unit of work, run on
+// onnxruntime's intra-op threads; a unit loads each cached key and value row once for all the
+// query heads that share it, their queries and outputs held in AVX-512 registers (a portable
+// loop elsewhere): at SmolLM2's shape (9 query, 3 key/value heads of 64) and 100 cached tokens
+// ~22 us per layer on one thread inside onnxruntime, against 39 for its GroupQueryAttention on
+// 2 threads.
 
 #include <algorithm>
 #include <cmath>
@@ -132,36 +133,42 @@ void attend_group_plain(const float* qg, const float* kc, const float* vc, float
 
 }  // namespace
 
-// Returns 0, or -1 when a cache length leaves no slot for the new token (>= max_seq) or no
+// 0, or -1 when a row's cache length leaves no slot for the new token (>= max_seq) or no
 // rotary position (>= positions), or is negative.
-int flagc_decode_attention(const float* qkv, float* key_cache, float* value_cache,
-                           const int32_t* cache_length, const float* cos, const float* sin,
-                           float* out, int64_t batch, int64_t heads, int64_t kv_heads,
-                           int64_t d, int64_t max_seq, int64_t positions, float scale,
-                           bool interleaved) {
-  const int64_t group = heads / kv_heads, row = (heads + 2 * kv_heads) * d;
-  std::vector<float> q(heads * d), scores;
+int flagc_decode_attention_check(const int32_t* cache_length, int64_t batch, int64_t max_seq,
+                                 int64_t positions) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t p = cache_length[b];
     if (p < 0 || p >= max_seq || p >= positions) return -1;
-    const float* x = qkv + b * row;
-    const float* c = cos + p * (d / 2);
-    const float* s = sin + p * (d / 2);
-    for (int64_t h = 0; h < heads; ++h) rotate(x + h * d, q.data() + h * d, c, s, d, interleaved);
-    const int64_t n = p + 1;
-    scores.resize(group * n);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      float* kc = key_cache + (b * kv_heads + g) * max_seq * d;
-      float* vc = value_cache + (b * kv_heads + g) * max_seq * d;
-      rotate(x + (heads + g) * d, kc + p * d, c, s, d, interleaved);
-      std::memcpy(vc + p * d, x + (heads + kv_heads + g) * d, d * sizeof(float));
-      const float* qg = q.data() + g * group * d;
-      float* og = out + b * heads * d + g * group * d;
-#ifdef __AVX512F__
-      if (attend_group_avx512(qg, kc, vc, scores.data(), og, group, d, n, scale)) continue;
-#endif
-      attend_group_plain(qg, kc, vc, scores.data(), og, group, d, n, scale);
-    }
   }
   return 0;
+}
+
+// The step for row b and key/value head g: rotate its query heads and key, write the key and
+// value into slot cache_length[b], attend. Units touch disjoint memory, so the op runs them on
+// several threads (lengths checked first, flagc_decode_attention_check).
+void flagc_decode_attention_unit(const float* qkv, float* key_cache, float* value_cache,
+                                 const int32_t* cache_length, const float* cos,
+                                 const float* sin, float* out, int64_t heads, int64_t kv_heads,
+                                 int64_t d, int64_t max_seq, float scale, bool interleaved,
+                                 int64_t b, int64_t g) {
+  const int64_t group = heads / kv_heads, row = (heads + 2 * kv_heads) * d;
+  const int64_t p = cache_length[b], n = p + 1;
+  thread_local std::vector<float> q, scores;
+  q.resize(group * d);
+  scores.resize(group * n);
+  const float* x = qkv + b * row;
+  const float* c = cos + p * (d / 2);
+  const float* s = sin + p * (d / 2);
+  for (int64_t h = 0; h < group; ++h)
+    rotate(x + (g * group + h) * d, q.data() + h * d, c, s, d, interleaved);
+  float* kc = key_cache + (b * kv_heads + g) * max_seq * d;
+  float* vc = value_cache + (b * kv_heads + g) * max_seq * d;
+  rotate(x + (heads + g) * d, kc + p * d, c, s, d, interleaved);
+  std::memcpy(vc + p * d, x + (heads + kv_heads + g) * d, d * sizeof(float));
+  float* og = out + b * heads * d + g * group * d;
+#ifdef __AVX512F__
+  if (attend_group_avx512(q.data(), kc, vc, scores.data(), og, group, d, n, scale)) return;
+#endif
+  attend_group_plain(q.data(), kc, vc, scores.data(), og, group, d, n, scale);
 }

@@ -9,7 +9,8 @@
 //     into slot cache_length of the caches, attention over slots 0..cache_length
 //     (decode_attention.cc). Present and past are meant to be one buffer (bound to the same
 //     memory, as onnxruntime's GroupQueryAttention with past_present_share_buffer); otherwise
-//     past is copied into present first. CPU provider.
+//     past is copied into present first. Rows and key/value heads split over onnxruntime's
+//     intra-op threads. CPU provider.
 //
 //   QGemv(X [..., K] float32, P uint8 [ceil(N / 16), ceil(K / 32), record], B [N] optional)
 //         -> Y [..., N'] float32
@@ -45,11 +46,13 @@
 
 #include "onnxruntime_c_api.h"
 
-int flagc_decode_attention(const float* qkv, float* key_cache, float* value_cache,
-                           const int32_t* cache_length, const float* cos, const float* sin,
-                           float* out, int64_t batch, int64_t heads, int64_t kv_heads,
-                           int64_t d, int64_t max_seq, int64_t positions, float scale,
-                           bool interleaved);
+int flagc_decode_attention_check(const int32_t* cache_length, int64_t batch, int64_t max_seq,
+                                 int64_t positions);
+void flagc_decode_attention_unit(const float* qkv, float* key_cache, float* value_cache,
+                                 const int32_t* cache_length, const float* cos,
+                                 const float* sin, float* out, int64_t heads, int64_t kv_heads,
+                                 int64_t d, int64_t max_seq, float scale, bool interleaved,
+                                 int64_t b, int64_t g);
 
 int64_t flagc_qgemv_tile_bytes(int bits);
 void flagc_qgemv_quantize(const float* x, int64_t rows, int64_t k, int64_t nb, int8_t* xq,
@@ -352,6 +355,26 @@ struct AttentionKernel : Kernel {
   bool interleaved;
 };
 
+// One parallel task: a (row, key/value head) of the step.
+struct AttentionTask {
+  const float* qkv;
+  float *key_cache, *value_cache;
+  const int32_t* lengths;
+  const float *cos, *sin;
+  float* out;
+  int64_t heads, kv_heads, d, max_seq;
+  float scale;
+  bool interleaved;
+};
+
+void attention_task(void* data, size_t i) {
+  const AttentionTask& t = *static_cast<const AttentionTask*>(data);
+  const int64_t unit = static_cast<int64_t>(i);
+  flagc_decode_attention_unit(t.qkv, t.key_cache, t.value_cache, t.lengths, t.cos, t.sin,
+                              t.out, t.heads, t.kv_heads, t.d, t.max_seq, t.scale,
+                              t.interleaved, unit / t.kv_heads, unit % t.kv_heads);
+}
+
 OrtStatus* AttentionKernel::compute(OrtKernelContext* context) const {
   const char* op = "DecodeAttention";
   const OrtValue* in[6] = {};
@@ -395,12 +418,13 @@ OrtStatus* AttentionKernel::compute(OrtKernelContext* context) const {
   const size_t bytes = static_cast<size_t>(batch * kv_heads * max_seq * d) * sizeof(float);
   if (kp != past_k) std::memcpy(kp, past_k, bytes);  // not one shared buffer: carry the past
   if (vp != past_v) std::memcpy(vp, past_v, bytes);
-  const float s = scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d));
-  if (flagc_decode_attention(qkv, kp, vp, lengths, cos, sin, yp, batch, heads, kv_heads, d,
-                             max_seq, dims[4][0], s, interleaved) != 0)
+  if (flagc_decode_attention_check(lengths, batch, max_seq, dims[4][0]) != 0)
     return fail(op, "a cache_length leaves no slot below max_seq " + std::to_string(max_seq) +
                         " or no rotary position below " + std::to_string(dims[4][0]));
-  return nullptr;
+  AttentionTask task{qkv, kp, vp, lengths, cos, sin, yp, heads, kv_heads, d, max_seq,
+                     scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d)), interleaved};
+  return g_api->KernelContext_ParallelFor(context, attention_task,
+                                          static_cast<size_t>(batch * kv_heads), 0, &task);
 }
 
 OrtStatus* attention_create(const OrtKernelInfo* info, bool, void** out) {
