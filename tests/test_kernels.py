@@ -442,6 +442,35 @@ def test_qgemv_reads_the_norm_before_it(skip, sum_out):
         np.testing.assert_array_equal(got[1], h)
 
 
+def test_qgemv_reads_a_huge_page_copy_of_constant_weights():
+    """A constant weight is copied once, at session load, into 2 MB pages (weight_arena.cc);
+    weights fed as an input are read in place: the same products either way, and sessions
+    come and go (copies carved from shared chunks, unmapped with their last kernel)."""
+    from flagc.lower.onnx_qgemv import pack_qgemv
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    for _ in range(3):
+        weights = [pack_qgemv(*_random_qgemv(rng, n, 96, 4), 4) for n in (48, 1000, 16)]
+        nodes = [helper.make_node("QGemv", ["x", f"p{i}"], [f"y{i}"], domain="ai.flagc",
+                                  N=n, K=96, bits=4) for i, n in enumerate((48, 1000, 16))]
+        outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                   for i in range(3)]
+        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 96])
+        constant = _session_with_kernels(helper.make_graph(
+            nodes, "g", [x_info], outputs,
+            [numpy_helper.from_array(w, f"p{i}") for i, w in enumerate(weights)]))
+        fed = _session_with_kernels(helper.make_graph(
+            nodes, "g", [x_info] + [helper.make_tensor_value_info(
+                f"p{i}", TensorProto.UINT8, list(w.shape)) for i, w in enumerate(weights)],
+            outputs))
+        got = constant.run(None, {"x": x})
+        want = fed.run(None, {"x": x, **{f"p{i}": w for i, w in enumerate(weights)}})
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        del constant, fed
+
+
 def test_qgemv_errors_name_the_shapes():
     from flagc.lower.onnx_qgemv import pack_qgemv
 

@@ -57,6 +57,8 @@ void flagc_decode_attention_unit(const float* qkv, float* key_cache, float* valu
                                  int64_t d, int64_t max_seq, float scale, bool interleaved,
                                  int64_t b, int64_t g);
 
+const uint8_t* flagc_arena_copy(const uint8_t* src, size_t bytes);
+void flagc_arena_release(const uint8_t* copy);
 int64_t flagc_qgemv_tile_bytes(int bits);
 void flagc_qgemv_quantize(const float* x, int64_t rows, int64_t k, int64_t nb, int8_t* xq,
                           float* sx, float* sums);
@@ -248,11 +250,15 @@ OrtStatus* gemv_create(const OrtKernelInfo* info, bool cuda, void** out) {
 struct QGemvKernel : Kernel {
   QGemvKernel(int64_t n, int64_t k, int bits, bool gated, float epsilon)
       : n(n), k(k), bits(bits), gated(gated), epsilon(epsilon) {}
+  ~QGemvKernel() override { flagc_arena_release(weights); }
   OrtStatus* compute(OrtKernelContext* context) const override;
   int64_t n, k;
   int bits;
   bool gated;
   float epsilon;
+  // The packed weights in huge pages (weight_arena.cc), when they are a constant initializer
+  const uint8_t* weights = nullptr;
+  size_t weight_bytes = 0;
 };
 
 // h = x (+ skip) into `sum` when given; out = h / sqrt(mean(h^2) + epsilon) * gamma, per row
@@ -339,6 +345,7 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   float *xp = nullptr, *bp = nullptr;
   FLAGC_TRY(data_of(x, &xp));
   FLAGC_TRY(data_of(p, &task.packed));
+  if (weights != nullptr) task.packed = weights;  // the same bytes, in huge pages
   if (b) FLAGC_TRY(data_of(b, &bp));
   FLAGC_TRY(data_of(y, &task.y));
   thread_local std::vector<float> normed;
@@ -389,8 +396,24 @@ OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
   if (gated != 0 && (gated != 1 || n % 32 != 0))
     return fail("QGemv", "gated=1 needs N (" + std::to_string(n) + ") to be gate rows then "
                          "up rows, a multiple of 16 each (gated must be 0 or 1)");
-  *out = static_cast<Kernel*>(
-      new QGemvKernel(n, k, static_cast<int>(bits), gated == 1, epsilon));
+  auto* kernel = new QGemvKernel(n, k, static_cast<int>(bits), gated == 1, epsilon);
+  *out = static_cast<Kernel*>(kernel);
+  int constant = 0;
+  const OrtValue* packed = nullptr;
+  if (OrtStatus* no = g_api->KernelInfoGetConstantInput_tensor(info, 1, &constant, &packed)) {
+    g_api->ReleaseStatus(no);  // not a constant: read the input every call
+    return nullptr;
+  }
+  std::vector<int64_t> dims;
+  uint8_t* data = nullptr;
+  const std::vector<int64_t> want{(n + 15) / 16, (k + 31) / 32, flagc_qgemv_tile_bytes(
+                                                                      static_cast<int>(bits))};
+  if (!constant || packed == nullptr) return nullptr;
+  FLAGC_TRY(shape_of(packed, &dims));
+  if (dims != want) return nullptr;  // compute names the mismatch
+  FLAGC_TRY(data_of(packed, &data));
+  kernel->weight_bytes = static_cast<size_t>(dims[0] * dims[1] * dims[2]);
+  kernel->weights = flagc_arena_copy(data, kernel->weight_bytes);
   return nullptr;
 }
 
