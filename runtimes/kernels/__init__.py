@@ -6,8 +6,9 @@ step's matrix-vector products, for CUDA (decode_gemv.cu) and as a plain CPU loop
 rounding (the tests run rewritten graphs on it); DecodeAttention, the decode step's
 attention over a max-length KV cache on the CPU (decode_attention.cc); and QGemv, the CPU
 decode step's block-quantized products (qgemv.cc; its weights copied into huge pages,
-weight_arena.cc). With CUDA's compiler (`nvcc`) the library holds the CUDA kernel; without it the host C++ compiler builds the CPU op alone, and a session that
-needs the CUDA kernel is refused with a message that says so. The library is cached under
+weight_arena.cc). With CUDA's compiler (`nvcc`) the library holds the CUDA kernel; without
+it the host C++ compiler builds the CPU ops alone, and a session that needs the CUDA kernel is
+refused with a message that says so. The library is cached under
 ~/.cache/flagc/kernels (or $FLAGC_CACHE/kernels), keyed by the sources, the compiler and this
 CPU, so a source change rebuilds and concurrent processes build once.
 `register(session_options, cuda)` makes a session able to run graphs that use the ops.
