@@ -336,20 +336,6 @@ def test_float32_dense_graphs_attend_with_decode_attention(cpu_attention):
     assert _ops(os.path.join(cpu_attention["flagc"], "decode-b1.onnx"))["GroupQueryAttention"]
 
 
-@pytest.mark.parametrize("prompts,kw", [
-    ([9, 8, 7, 6], {}), ([9, 8, 7, 6], {"min_new_tokens": 12}),
-    ([[9, 8, 7, 6], [5, 4, 3, 2]], {}), ([[9, 8, 7, 6, 5], [4, 3]], {}),
-    ([9, 8, 7, 6], {"temperature": 0.9, "seed": 3}), ([9, 8, 7, 6], {"num_beams": 2})])
-def test_cpu_attention_generates_onnxruntimes_tokens(cpu_attention, prompts, kw):
-    ours = flagc.load(cpu_attention["flagc"]).generate(prompts, max_new_tokens=12, **kw)
-    ref = flagc.load(cpu_attention["onnxruntime"]).generate(prompts, max_new_tokens=12, **kw)
-
-    def ids(r):
-        return [x.token_ids for x in r] if isinstance(r, list) else r.token_ids
-
-    assert ids(ours) == ids(ref)
-
-
 # -- QGemv: block-quantized products of the int4 / 8-bit decode graphs (CPU) -----------------
 
 def _qgemv_session(packed, n, k, bits, bias=None, gated=0, rows=1):
@@ -582,13 +568,18 @@ def test_int4_static_graphs_multiply_with_qgemv(int4_kernels):
     assert len(packed[0]) == 9 and all(p == packed[0] for p in packed)  # written once
 
 
+@pytest.mark.parametrize("built", ["cpu_attention", "int4_kernels"])
 @pytest.mark.parametrize("prompts,kw", [
     ([9, 8, 7, 6], {}), ([9, 8, 7, 6], {"min_new_tokens": 12}),
     ([[9, 8, 7, 6], [5, 4, 3, 2]], {}), ([[9, 8, 7, 6, 5], [4, 3]], {}),
     ([9, 8, 7, 6], {"temperature": 0.9, "seed": 3}), ([9, 8, 7, 6], {"num_beams": 2})])
-def test_qgemv_generates_onnxruntimes_tokens(int4_kernels, prompts, kw):
-    ours = flagc.load(int4_kernels["flagc"]).generate(prompts, max_new_tokens=12, **kw)
-    ref = flagc.load(int4_kernels["onnxruntime"]).generate(prompts, max_new_tokens=12, **kw)
+def test_cpu_kernels_generate_onnxruntimes_tokens(request, built, prompts, kw):
+    """Static graphs on DecodeAttention (float32) and on QGemv (int4) generate the tokens of
+    the same model built on onnxruntime's kernels: greedy, stop tokens held back, padded and
+    dense batches, sampling, beams."""
+    artifacts = request.getfixturevalue(built)
+    ours = flagc.load(artifacts["flagc"]).generate(prompts, max_new_tokens=12, **kw)
+    ref = flagc.load(artifacts["onnxruntime"]).generate(prompts, max_new_tokens=12, **kw)
 
     def ids(r):
         return [x.token_ids for x in r] if isinstance(r, list) else r.token_ids

@@ -19,7 +19,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from flagc.lower.onnx_decode_gemv import DOMAIN
+from flagc.lower.onnx_kernel_rewrite import DOMAIN, import_domain
 
 __all__ = ["use_decode_attention"]
 _DEFAULTS = {"softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0, "do_rotary": 1}
@@ -50,6 +50,6 @@ def use_decode_attention(model: onnx.ModelProto) -> int:
             helper.make_attribute("kv_num_heads", int(attrs["kv_num_heads"])),
             helper.make_attribute("scale", float(attrs.get("scale", 0.0))),
             helper.make_attribute("rotary_interleaved", int(attrs.get("rotary_interleaved", 0)))])
-    if plans and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if plans:
+        import_domain(model)
     return len(plans)

@@ -18,17 +18,14 @@ vector), so larger batches keep their MatMuls.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from flagc.lower.onnx_kernel_rewrite import DOMAIN, commit_rewrites, only_reader_lookup, \
+    readers_of
 from flagc.lower.onnx_stream import DerivedWeights
 
-__all__ = ["DOMAIN", "MAX_ROWS", "DATA_FILE", "TransposedWeights", "use_decode_gemv",
-           "gated_tail"]
-
-DOMAIN = "ai.flagc"
+__all__ = ["MAX_ROWS", "DATA_FILE", "TransposedWeights", "use_decode_gemv", "gated_tail"]
 MAX_ROWS = 4
 DATA_FILE = "decode-gemv.data"
 
@@ -50,15 +47,9 @@ def use_decode_gemv(model: onnx.ModelProto, weights: TransposedWeights) -> int:
     """Rewrite `model`'s MatMuls (module docstring); returns how many became DecodeGemv."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
-    graph_outputs = {o.name for o in g.output}
-
-    def only_reader(name: str) -> onnx.NodeProto | None:
-        users = consumers.get(name, [])
-        return users[0] if len(users) == 1 and name not in graph_outputs else None
+    nodes = list(g.node)  # one object per node: `replaced` is keyed by their ids
+    consumers = readers_of(nodes)
+    only_reader = only_reader_lookup(g, consumers)
 
     def weight(name: str) -> TensorProto | None:
         t = inits.get(name)
@@ -70,7 +61,7 @@ def use_decode_gemv(model: onnx.ModelProto, weights: TransposedWeights) -> int:
     replaced: dict[int, onnx.NodeProto | None] = {}  # id(node) -> replacement (None: drop)
     new_inits: dict[str, TensorProto] = {}
     count = 0
-    for node in g.node:
+    for node in nodes:
         if node.op_type != "MatMul" or id(node) in replaced:
             continue
         w = weight(node.input[1])
@@ -94,12 +85,7 @@ def use_decode_gemv(model: onnx.ModelProto, weights: TransposedWeights) -> int:
         count += 1
     if not count:
         return 0
-    nodes = [replaced.get(id(n), n) for n in g.node]
-    del g.node[:]
-    g.node.extend(n for n in nodes if n is not None)
-    g.initializer.extend(new_inits.values())
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    commit_rewrites(model, nodes, replaced, new_inits)
     return count
 
 

@@ -29,13 +29,13 @@ GEMM.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flagc.lower.onnx_decode_gemv import DOMAIN, gated_tail
+from flagc.lower.onnx_decode_gemv import gated_tail
+from flagc.lower.onnx_kernel_rewrite import DOMAIN, commit_rewrites, only_reader_lookup, \
+    readers_of
 from flagc.lower.onnx_stream import DerivedWeights
 
 __all__ = ["DATA_FILE", "QGemvWeights", "use_qgemv", "pack_qgemv", "TILE_ROWS", "BLOCK"]
@@ -129,12 +129,13 @@ def use_qgemv(model: onnx.ModelProto, weights: QGemvWeights) -> int:
     """Rewrite `model`'s MatMulNBits (module docstring); returns how many became QGemv."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers = _consumers(g.node)
-    only_reader = _reader_lookup(g, consumers)
+    nodes = list(g.node)  # one object per node: `replaced` is keyed by their ids
+    producer = {o: n for n in nodes for o in n.output}
+    consumers = readers_of(nodes)
+    only_reader = only_reader_lookup(g, consumers)
     replaced: dict[int, onnx.NodeProto | None] = {}
     new_inits: dict[str, TensorProto] = {}
-    for node in list(g.node):
+    for node in nodes:
         if node.op_type != "MatMulNBits" or node.domain != _MS:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -170,26 +171,22 @@ def use_qgemv(model: onnx.ModelProto, weights: QGemvWeights) -> int:
             replaced[id(dead)] = None
     if not replaced:
         return 0
-    nodes = [replaced.get(id(x), x) for x in g.node]
-    del g.node[:]
-    g.node.extend(x for x in nodes if x is not None)
-    g.initializer.extend(new_inits.values())
-    _fuse_norms(g)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    commit_rewrites(model, nodes, replaced, new_inits)
+    _fuse_norms(model)
     return sum(1 for v in replaced.values() if v is not None)
 
 
 _NORMS = {("SkipSimplifiedLayerNormalization", _MS), ("SimplifiedLayerNormalization", "")}
 
 
-def _fuse_norms(g: onnx.GraphProto) -> None:
+def _fuse_norms(model: onnx.ModelProto) -> None:
     """QGemv reading (Skip)SimplifiedLayerNormalization's output, and nothing else reading it:
     the norm moves into the QGemv (inputs Skip, Gamma; the residual sum as its output 1)."""
-    nodes = list(g.node)  # one wrapper per node: identities below hold
+    g = model.graph
+    nodes = list(g.node)  # one object per node: identities below hold
     producer = {o: n for n in nodes for o in n.output}
-    readers = _consumers(nodes)
-    only_reader = _reader_lookup(g, readers)
+    readers = readers_of(nodes)
+    only_reader = only_reader_lookup(g, readers)
     graph_outputs = {o.name for o in g.output}
     dropped = set()
     for q in nodes:
@@ -215,29 +212,7 @@ def _fuse_norms(g: onnx.GraphProto) -> None:
         q.attribute.append(helper.make_attribute("epsilon", float(attrs.get("epsilon", 1e-5))))
         dropped.add(id(norm))
     if dropped:
-        kept = [n for n in nodes if id(n) not in dropped]
-        del g.node[:]
-        g.node.extend(kept)
-
-
-def _consumers(nodes) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in nodes:
-        for i in n.input:
-            readers[i].append(n)
-    return readers
-
-
-def _reader_lookup(g: onnx.GraphProto, consumers=None):
-    """only_reader(name): the one node reading tensor `name`, None for several, none, or a
-    graph output."""
-    consumers = _consumers(g.node) if consumers is None else consumers
-    graph_outputs = {o.name for o in g.output}
-
-    def only_reader(name: str) -> onnx.NodeProto | None:
-        users = consumers.get(name, [])
-        return users[0] if len(users) == 1 and name not in graph_outputs else None
-    return only_reader
+        commit_rewrites(model, nodes, dict.fromkeys(dropped), {})
 
 
 def _offsets_tail(node, producer, only_reader, inits, n: int):

@@ -48,8 +48,8 @@ from onnx import TensorProto, helper, numpy_helper
 from flagc.errors import LoweringError
 from flagc.lower.onnx_decode_attention import use_decode_attention
 from flagc.lower.onnx_decode_gemv import DATA_FILE as GEMV_DATA
-from flagc.lower.onnx_decode_gemv import DOMAIN as KERNELS_DOMAIN
 from flagc.lower.onnx_decode_gemv import MAX_ROWS, TransposedWeights, use_decode_gemv
+from flagc.lower.onnx_kernel_rewrite import DOMAIN as KERNELS_DOMAIN
 from flagc.lower.onnx_greedy_screen import BITS as SCREEN_BITS
 from flagc.lower.onnx_greedy_screen import BLOCK as SCREEN_BLOCK
 from flagc.lower.onnx_greedy_screen import CANDIDATES, ScreenWeights, use_greedy_screen
