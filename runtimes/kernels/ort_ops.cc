@@ -34,8 +34,8 @@
 //     without a GPU.
 //
 // Written against onnxruntime's C API (third_party/onnxruntime_c_api.h), which keeps its ABI
-// across releases: everything used here exists since API version 17, so the
-// ops ask for API version 17 (KernelContext_ParallelFor, onnxruntime 1.17) and run on any
+// across releases: everything used here exists since API version 17 (onnxruntime 1.17, which
+// added KernelContext_ParallelFor), so the ops ask for that version and run on any
 // onnxruntime since.
 
 #include <algorithm>
@@ -292,8 +292,8 @@ constexpr int64_t kTilesPerTask = 4;  // 64 rows: small enough to balance two th
 void qgemv_task(void* data, size_t i) {
   const QGemvTask& t = *static_cast<const QGemvTask*>(data);
   const int64_t begin = static_cast<int64_t>(i) * t.tiles_per_task;
-  flagc_qgemv_tiles(t.packed, t.bits, t.n, t.nb, t.gated, t.xq, t.sx, t.sums, t.bias, t.y, t.rows,
-                    begin, std::min(t.tiles, begin + t.tiles_per_task));
+  flagc_qgemv_tiles(t.packed, t.bits, t.n, t.nb, t.gated, t.xq, t.sx, t.sums, t.bias, t.y,
+                    t.rows, begin, std::min(t.tiles, begin + t.tiles_per_task));
 }
 
 OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
@@ -404,11 +404,11 @@ OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
     g_api->ReleaseStatus(no);  // not a constant: read the input every call
     return nullptr;
   }
+  if (!constant || packed == nullptr) return nullptr;
   std::vector<int64_t> dims;
   uint8_t* data = nullptr;
-  const std::vector<int64_t> want{(n + 15) / 16, (k + 31) / 32, flagc_qgemv_tile_bytes(
-                                                                      static_cast<int>(bits))};
-  if (!constant || packed == nullptr) return nullptr;
+  const std::vector<int64_t> want{(n + 15) / 16, (k + 31) / 32,
+                                  flagc_qgemv_tile_bytes(static_cast<int>(bits))};
   FLAGC_TRY(shape_of(packed, &dims));
   if (dims != want) return nullptr;  // compute names the mismatch
   FLAGC_TRY(data_of(packed, &data));
