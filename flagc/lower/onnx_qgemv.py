@@ -12,17 +12,17 @@ products and 8-bit head: ~6.0 ms against ~8.5-10.8 ms). Rewrites, in a static de
         [-> Split(F, F) -> silu(gate) * up]                         (a gated MLP, F % 16 = 0)
     =>  QGemv(x, packed[, bias][, gated=1])
 
-for 4- and 8-bit codes in blocks of a multiple of 32 with float32 scales. The weight w = (q - z) s + o
-of each block is re-expressed as d q + m with d = s, m = o - z s in float16 (exact for GGUF Q4_1 / Q8_0
-grids, whose scales and minima are float16; other scales move a weight by ~2^-11 of its block's
-largest); the activations are quantized to int8 per block of 32 as MatMulNBits' accuracy_level 4
-does (offsets included: QGemv computes the rounded activations times the exact weights, the
-QLINEAR reference's product, where the MatMulNBits lowering adds the offsets' term from
-unrounded x). A weight whose scales float16 cannot hold (overflow, or underflow that moves a
-weight by more than 2^-8 of its block's largest) keeps its MatMulNBits. The packed weights are
-written once, to `decode-qgemv.data` beside the graphs, and shared by every static graph (the
-kernel copies them into huge pages at session load); the dynamic graph (prefill, many rows)
-keeps MatMulNBits' GEMM.
+for 4- and 8-bit codes in blocks of a multiple of 32 with float32 scales. The weight
+w = (q - z) s + o of each block is re-expressed as d q + m with d = s, m = o - z s in float16
+(exact for GGUF Q4_1 / Q8_0 grids, whose scales and minima are float16; other scales move a
+weight by ~2^-11 of its block's largest); the activations are quantized to int8 per block of
+32 as MatMulNBits' accuracy_level 4 does (offsets included: QGemv computes the rounded
+activations times the exact weights, the QLINEAR reference's product, where the MatMulNBits
+lowering adds the offsets' term from unrounded x). A weight whose scales float16 cannot hold
+(overflow, or underflow that moves a weight by more than 2^-8 of its block's largest) keeps
+its MatMulNBits. The packed weights are written once, to `decode-qgemv.data` beside the
+graphs, and shared by every static graph (the kernel copies them into huge pages at session
+load); the dynamic graph (prefill, many rows) keeps MatMulNBits' GEMM.
 
 A (Skip)SimplifiedLayerNormalization read only by a QGemv then moves into it (the residual add
 and RMSNorm before the product; the residual sum its second output): two onnxruntime ops fewer
