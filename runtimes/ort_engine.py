@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from flagc.errors import ArtifactError, RuntimeInputError
+from flagc.runtimes import huge_pages
 
 __all__ = ["OrtEngine", "OrtBinding", "CPU_DISABLED_OPTIMIZERS"]
 
@@ -59,11 +60,14 @@ class OrtEngine:
         elif device != "cpu":
             raise RuntimeInputError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
         disabled = list(CPU_DISABLED_OPTIMIZERS) if device == "cpu" else []
+        mappings = huge_pages.anonymous_mappings() if device == "cpu" else None
         try:
             self.session = ort.InferenceSession(path, opts, providers=providers,
                                                 disabled_optimizers=disabled)
         except Exception as exc:
             raise ArtifactError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        if mappings is not None:  # the weights it copied and prepacked, into 2 MB pages
+            huge_pages.collapse_new_mappings(mappings)
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
