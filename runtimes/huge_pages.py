@@ -7,7 +7,8 @@ in a virtual machine every TLB miss is a two-level page walk. So after a CPU ses
 anonymous mappings that appeared or grew while it loaded are collapsed into transparent huge
 pages (madvise MADV_COLLAPSE, Linux 6.1+), once: on this 2-core VM SmolLM2's float32 decode
 step went from 25.0 to 24.0 ms (minima over five alternated processes; ~0.8 s more load time
-for 500 MB). Only those mappings are touched (whole: Linux merges neighbouring anonymous
+for 500 MB; past 2 GB per session the rest is advised only, for khugepaged to collapse in the
+background). Only those mappings are touched (whole: Linux merges neighbouring anonymous
 mappings, so one that grew may hold older memory too). Best effort: without Linux, with an
 older kernel, THP "never" or too few free huge pages, nothing changes. flagc's own QGemv
 copies its weights into huge pages itself (runtimes/kernels/weight_arena.cc).
@@ -25,6 +26,9 @@ __all__ = ["anonymous_mappings", "collapse_new_mappings", "enabled"]
 _HUGE = 2 << 20
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 _MIN_BYTES = 4 << 20  # below two huge pages a mapping is not a session's weights
+# Collapsing copies memory (~1.6 s per GB here): past this much per session the rest is only
+# advised, and the kernel's khugepaged collapses it in the background.
+_COLLAPSE_LIMIT = 2 << 30
 
 
 def enabled() -> bool:
@@ -66,6 +70,6 @@ def collapse_new_mappings(before: dict[int, int]) -> int:
         if hi - lo < _MIN_BYTES:
             continue
         madvise(lo, hi - lo, _MADV_HUGEPAGE)  # khugepaged keeps it that way
-        if madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+        if collapsed + hi - lo <= _COLLAPSE_LIMIT and madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
             collapsed += hi - lo
     return collapsed
