@@ -78,7 +78,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             static decode graphs (runtimes/kernels, an onnxruntime custom-op library compiled
             on first use): for onnx-fp16, graphs of up to 4 rows multiply with its CUDA
             products (nvcc needed); for onnx-fp32 / int8 / int4, the dense graphs attend with
-            its CPU attention (a C++ compiler needed).
+            its CPU attention, and int4's block-quantized products run on its QGemv (a C++
+            compiler needed).
         greedy_screen: static decode graphs with a float32 LM head also get greedy variants
             that screen the head at 8 bits and prove each pick exact, computing the full head
             only when the proof fails (flagc/lower/onnx_greedy_screen.py; CPU greedy decoding).
@@ -185,7 +186,7 @@ def _check_kernels(kernels: str, tgt, decode_graphs: list[int]) -> None:
     if tgt.name not in _FLAGC_KERNEL_TARGETS:
         raise ConfigError(f"--kernels flagc: flagc's decode kernels serve "
                           f"{', '.join(_FLAGC_KERNEL_TARGETS)} (fp16: CUDA products; "
-                          f"float32 activations: CPU attention), not {tgt.name}")
+                          f"float32 activations: CPU attention; int4: CPU QGemv), not {tgt.name}")
     if not decode_graphs:
         raise ConfigError("--kernels flagc serves the static decode graphs: add "
                           "--decode-graphs (e.g. --decode-graphs 1)")
