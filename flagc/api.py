@@ -78,7 +78,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
             static decode graphs (runtimes/kernels, an onnxruntime custom-op library compiled
             on first use): for onnx-fp16, graphs of up to 4 rows multiply with its CUDA
             products (nvcc needed); for onnx-fp32 / int8 / int4, the dense graphs attend with
-            its CPU attention, and int4's block-quantized products run on its QGemv (a C++
+            its CPU attention, and int4's block-quantized products run on its QGemv; on an
+            onnx-int8 encoder (no decode graphs) attention runs over packed tokens (a C++
             compiler needed).
         greedy_screen: static decode graphs with a float32 LM head also get greedy variants
             that screen the head at 8 bits and prove each pick exact, computing the full head
@@ -92,6 +93,9 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
     _check_kernels(kernels, tgt, decode_graphs)
     source, graph, config, graph_source = _frontend(model, custom, random_weights, seed, task,
                                                     model_dir, frontend)
+    if kernels == "flagc" and not decode_graphs and _kv_layout(graph) is not None:
+        raise ConfigError("--kernels flagc serves a decoder's static decode graphs: add "
+                          "--decode-graphs (e.g. --decode-graphs 1)")
     positions = int(config.get("max_positions") or config.get("max_position_embeddings") or 4096)
     if max_seq is None:
         max_seq = min(positions, 4096)
@@ -128,6 +132,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
                                   **({"external_threshold": 0} if decode_graphs else {}))
             static = _write_decode_graphs(graph, os.path.join(tmp, tgt.engine_file),
                                           decode_graphs, max_seq, kernels, greedy_screen)
+            if kernels == "flagc" and not decode_graphs:  # an encoder
+                static = _packed_attention(os.path.join(tmp, tgt.engine_file))
             from flagc.lower.onnx_static import GRAPH_KINDS
 
             files += [f for kind in GRAPH_KINDS for f in static.get(kind, {}).values()]
@@ -149,6 +155,8 @@ def build(model: str, target: str = "onnx-fp32", output: str = "out/model", *,
         manifest.update(_zoo_manifest(graph))
         if tgt.backend == "tensorrt":
             update_manifest(manifest, trt_info)
+        elif static.get("custom_ops") and not decode_graphs:
+            manifest["custom_ops"] = static["custom_ops"]
         elif static:
             manifest["kv_cache"]["shared_buffer"] = True
             custom = static.pop("custom_ops", None)
@@ -187,9 +195,24 @@ def _check_kernels(kernels: str, tgt, decode_graphs: list[int]) -> None:
         raise ConfigError(f"--kernels flagc: flagc's decode kernels serve "
                           f"{', '.join(_FLAGC_KERNEL_TARGETS)} (fp16: CUDA products; "
                           f"float32 activations: CPU attention; int4: CPU QGemv), not {tgt.name}")
-    if not decode_graphs:
-        raise ConfigError("--kernels flagc serves the static decode graphs: add "
-                          "--decode-graphs (e.g. --decode-graphs 1)")
+
+
+def _packed_attention(engine_path: str) -> dict[str, Any]:
+    """--kernels flagc on an encoder: its attention over packed tokens runs on flagc's
+    PackedAttention (flagc/lower/onnx_packed_attention.py); {"custom_ops": ...} when it does."""
+    import onnx
+
+    from flagc.lower.onnx_kernel_rewrite import DOMAIN
+    from flagc.lower.onnx_packed_attention import use_packed_attention
+
+    model = onnx.load(engine_path, load_external_data=False)
+    if not use_packed_attention(model):
+        raise ConfigError("--kernels flagc: this encoder's attention has no form flagc's "
+                          "kernels serve (packed tokens on an onnxruntime target with "
+                          "MultiHeadAttention); build without --kernels flagc")
+    onnx.save(model, engine_path)
+    return {"custom_ops": {"domain": DOMAIN, "device": "cpu",
+                           "files": [os.path.basename(engine_path)]}}
 
 
 def _write_decode_graphs(graph: Graph, engine_path: str, batches: list[int],

@@ -74,7 +74,7 @@ def build(
         "onnxruntime", "--kernels", help="'flagc': static decode graphs use flagc's own "
         "kernels, compiled on first use (onnx-fp16: CUDA products for up to 4 rows, with "
         "nvcc; onnx-fp32/int8/int4: CPU attention; onnx-int4: CPU block-quantized "
-        "products, QGemv)"),
+        "products, QGemv; int8 encoders: attention over packed tokens)"),
     greedy_screen: bool = typer.Option(
         True, "--greedy-screen/--no-greedy-screen", help="static decode graphs with a float32 "
         "LM head also get greedy variants that screen the head at 8 bits and prove each pick "

@@ -688,3 +688,92 @@ def test_qgemv_rewrite_folds_offsets_and_gating(tmp_path):
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = _qgemv_reference(x, codes, d, m, gated=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# -- PackedAttention: encoders' attention over packed tokens (CPU) ---------------------------
+
+def _packed_attention_reference(qkv, cu, heads):
+    width = qkv.shape[1] // 3
+    d = width // heads
+    out = np.zeros((qkv.shape[0], width))
+    for b in range(len(cu) - 1):
+        rows = slice(cu[b], cu[b + 1])
+        for h in range(heads):
+            q, k, v = (qkv[rows, i * width + h * d:i * width + (h + 1) * d].astype(np.float64)
+                       for i in range(3))
+            scores = q @ k.T / np.sqrt(d)
+            p = np.exp(scores - scores.max(-1, keepdims=True)) if len(q) else scores
+            out[rows, h * d:(h + 1) * d] = p / p.sum(-1, keepdims=True) @ v if len(q) else 0
+    return out
+
+
+def _packed_attention_session(heads):
+    node = helper.make_node("PackedAttention", ["qkv", "cu"], ["y"], domain="ai.flagc",
+                            num_heads=heads)
+    return _session_with_kernels(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [None, None]),
+                      helper.make_tensor_value_info("cu", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
+
+
+@pytest.mark.parametrize("heads,d,lengths", [(12, 32, [5, 0, 17, 3, 128]), (4, 64, [1, 33, 2]),
+                                             (3, 48, [7, 16])])
+def test_packed_attention_matches_numpy(heads, d, lengths):
+    """Register tiles (head sizes 32 and 64) and the portable loop (48); empty sequences,
+    single tokens, lengths off the 16-key tiles."""
+    rng = np.random.default_rng(d)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    qkv = (rng.standard_normal((int(cu[-1]), 3 * heads * d)) * 2).astype(np.float32)
+    got = _packed_attention_session(heads).run(None, {"qkv": qkv, "cu": cu})[0]
+    want = _packed_attention_reference(qkv, cu, heads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_names_bad_offsets():
+    sess = _packed_attention_session(2)
+    qkv = np.ones((5, 12), np.float32)
+    with pytest.raises(Exception, match="cu_seqlens must rise from 0 to the 5 tokens; "
+                                        "entry 1 is 7"):
+        sess.run(None, {"qkv": qkv, "cu": np.array([0, 7, 5], np.int64)})
+    with pytest.raises(Exception, match=r"QKV \[5, 12\] must be \[tokens, 3 \* 3 heads"):
+        _packed_attention_session(3).run(None, {"qkv": qkv, "cu": np.array([0, 5], np.int64)})
+
+
+@pytest.fixture(scope="module")
+def bert_int8(tiny_bert, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert_int8")
+    out = {}
+    for kind in ("onnxruntime", "flagc"):
+        out[kind] = str(root / kind)
+        flagc.build(tiny_bert[0], "onnx-int8", out[kind], task="embedding", kernels=kind)
+    return out
+
+
+def test_encoders_attend_over_packed_tokens(bert_int8):
+    """--kernels flagc on an int8 encoder: the q|k|v projection reads the packed tokens and
+    PackedAttention replaces the scatter to padding, MultiHeadAttention and the gather back;
+    the embeddings equal the onnxruntime-kernel artifact's at every real token."""
+    art = bert_int8["flagc"]
+    assert flagc.load(art).manifest["custom_ops"] == {"domain": "ai.flagc", "device": "cpu",
+                                                      "files": ["model.onnx"]}
+    ops = _ops(os.path.join(art, "model.onnx"))
+    assert ops["PackedAttention"] == 2 and "MultiHeadAttention" not in ops
+    assert ops["ScatterND"] == 1  # only the output's return to [batch, seq]
+    ids = np.random.default_rng(0).integers(5, 100, (3, 20))
+    mask = np.ones_like(ids)
+    mask[1, 7:], mask[2, 1:] = 0, 0  # padded rows, one of a single token
+    got = flagc.load(art).forward(ids, attention_mask=mask)["last_hidden_state"]
+    want = flagc.load(bert_int8["onnxruntime"]).forward(ids, attention_mask=mask)
+    want = want["last_hidden_state"]
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_flagc_names_what_it_cannot_serve(tiny_bert, tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="this encoder's attention has no form flagc's"):
+        flagc.build(tiny_bert[0], "onnx-fp32", str(tmp_path / "f"), task="embedding",
+                    kernels="flagc")  # fp32: onnxruntime's fused Attention
+    assert not os.path.exists(tmp_path / "f")
+    with pytest.raises(ConfigError, match="serves a decoder's static decode graphs: add "
+                                          "--decode-graphs"):
+        flagc.build(tiny_llama, "onnx-int4", str(tmp_path / "d"), kernels="flagc")

@@ -9,7 +9,8 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "import_domain", "commit_rewrites", "readers_of", "only_reader_lookup"]
+__all__ = ["DOMAIN", "import_domain", "commit_rewrites", "readers_of", "only_reader_lookup",
+           "drop_dead", "reads"]
 
 DOMAIN = "ai.flagc"
 
@@ -50,3 +51,30 @@ def only_reader_lookup(g: onnx.GraphProto, readers: dict[str, list[onnx.NodeProt
         users = readers.get(name, [])
         return users[0] if len(users) == 1 and name not in graph_outputs else None
     return only_reader
+
+
+def drop_dead(g: onnx.GraphProto) -> None:
+    """Remove nodes and initializers nothing reads any more (what a rewrite left behind)."""
+    live = {o.name for o in g.output}
+    keep = []
+    for node in reversed(g.node):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(reads(node))
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    inits = [t for t in g.initializer if t.name in live]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def reads(node: onnx.NodeProto) -> set[str]:
+    """The names `node` reads: its inputs and what its subgraphs (If branches) take from the
+    enclosing scope."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            local |= {o for n in sub.node for o in n.output}
+            names |= {i for n in sub.node for i in reads(n)} - local
+    return names

@@ -50,6 +50,7 @@ from flagc.lower.onnx_decode_attention import use_decode_attention
 from flagc.lower.onnx_decode_gemv import DATA_FILE as GEMV_DATA
 from flagc.lower.onnx_decode_gemv import MAX_ROWS, TransposedWeights, use_decode_gemv
 from flagc.lower.onnx_kernel_rewrite import DOMAIN as KERNELS_DOMAIN
+from flagc.lower.onnx_kernel_rewrite import drop_dead
 from flagc.lower.onnx_greedy_screen import BITS as SCREEN_BITS
 from flagc.lower.onnx_greedy_screen import BLOCK as SCREEN_BLOCK
 from flagc.lower.onnx_greedy_screen import CANDIDATES, ScreenWeights, use_greedy_screen
@@ -124,7 +125,7 @@ def write_static_decodes(engine_path: str, batches: list[int], max_seq: int,
             names = [name]
             if screen is not None and use_greedy_screen(model, screen, GREEDY_TOKEN,
                                                         GREEDY_LOGIT):
-                _drop_dead(model.graph)
+                drop_dead(model.graph)
                 names.append(_save(model, folder, greedy_decode_file(batch, dense)))
                 out.setdefault(f"greedy_{kind}", {})[str(batch)] = names[-1]
             if device:
@@ -187,7 +188,7 @@ def _specialize(template: onnx.ModelProto, batch: int, max_seq: int, dense: bool
         device = "cpu"
     if qgemv is not None and device != "cuda" and use_qgemv(model, qgemv):
         device = "cpu"
-    _drop_dead(g)
+    drop_dead(g)
     if dense and {"attention_mask", "position_ids"} & {i for n in g.node for i in n.input}:
         return None, None  # positions used elsewhere (e.g. learned embeddings): the runtime's
         # dense step does not refresh them, so such a graph gets no dense variant
@@ -323,30 +324,3 @@ def _set_dims(vi: onnx.ValueInfoProto, dims: list[int]) -> None:
     for d, v in zip(shape.dim, dims):
         d.ClearField("dim_param")
         d.dim_value = int(v)
-
-
-def _drop_dead(g: onnx.GraphProto) -> None:
-    """Remove nodes (the old length arithmetic) and initializers nothing reads any more."""
-    live = {o.name for o in g.output}
-    keep = []
-    for node in reversed(g.node):
-        if any(o in live for o in node.output):
-            keep.append(node)
-            live.update(_reads(node))
-    del g.node[:]
-    g.node.extend(reversed(keep))
-    inits = [t for t in g.initializer if t.name in live]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The names `node` reads: its inputs and what its subgraphs (If branches) take from the
-    enclosing scope."""
-    names = {i for i in node.input if i}
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
-            local |= {o for n in sub.node for o in n.output}
-            names |= {i for n in sub.node for i in _reads(n)} - local
-    return names

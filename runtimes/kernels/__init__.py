@@ -4,9 +4,10 @@
 onnxruntime custom-op library (ort_ops.cc, domain `ai.flagc`) holding DecodeGemv, the decode
 step's matrix-vector products, for CUDA (decode_gemv.cu) and as a plain CPU loop with the same
 rounding (the tests run rewritten graphs on it); DecodeAttention, the decode step's
-attention over a max-length KV cache on the CPU (decode_attention.cc); and QGemv, the CPU
+attention over a max-length KV cache on the CPU (decode_attention.cc); QGemv, the CPU
 decode step's block-quantized products (qgemv.cc; its weights copied into huge pages,
-weight_arena.cc). With CUDA's compiler (`nvcc`) the library holds the CUDA kernel; without
+weight_arena.cc); and PackedAttention, encoders' attention over packed tokens
+(packed_attention.cc). With CUDA's compiler (`nvcc`) the library holds the CUDA kernel; without
 it the host C++ compiler builds the CPU ops alone, and a session that needs the CUDA kernel is
 refused with a message that says so. The library is cached under
 ~/.cache/flagc/kernels (or $FLAGC_CACHE/kernels), keyed by the sources, the compiler and this
@@ -30,7 +31,8 @@ __all__ = ["DOMAIN", "library_path", "register", "find_nvcc", "find_cxx"]
 
 DOMAIN = "ai.flagc"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CPU_SOURCES = ("ort_ops.cc", "decode_attention.cc", "qgemv.cc", "weight_arena.cc")
+_CPU_SOURCES = ("ort_ops.cc", "decode_attention.cc", "qgemv.cc", "weight_arena.cc",
+                "packed_attention.cc")
 _CUDA_SOURCES = ("decode_gemv.cu",)
 _LIBRARY = "libflagc_kernels.so"
 # Ampere and Hopper machine code, plus Hopper PTX that newer GPUs compile at load.

@@ -24,6 +24,12 @@
 //     SkipSimplifiedLayerNormalization computes them. Split over onnxruntime's intra-op
 //     threads by tiles. CPU provider.
 //
+//   PackedAttention(QKV [T, 3 H D] float32, cu_seqlens [B + 1] int64) -> Y [T, H D]
+//     attributes num_heads H, scale (0: 1 / sqrt(D)). Self-attention of B sequences packed
+//     one after another (sequence b: rows cu_seqlens[b] .. cu_seqlens[b + 1]), each token
+//     attending to its own sequence's tokens (packed_attention.cc). Sequences and heads split
+//     over onnxruntime's intra-op threads. CPU provider.
+//
 //   DecodeGemv(X [..., K] fp16, W [N, K] fp16, B [N] fp16 optional) -> Y [..., N'] fp16
 //     attribute gated (int, default 0): 0 -> Y = X W^T + B, N' = N;
 //                                       1 -> W holds gate rows then up rows, N' = N / 2,
@@ -56,6 +62,9 @@ void flagc_decode_attention_unit(const float* qkv, float* key_cache, float* valu
                                  const float* sin, float* out, int64_t heads, int64_t kv_heads,
                                  int64_t d, int64_t max_seq, float scale, bool interleaved,
                                  int64_t b, int64_t g);
+
+void flagc_packed_attention_unit(const float* qkv, const int64_t* cu_seqlens, float* out,
+                                 int64_t heads, int64_t d, float scale, int64_t b, int64_t h);
 
 const uint8_t* flagc_arena_copy(const uint8_t* src, size_t bytes);
 void flagc_arena_release(const uint8_t* copy);
@@ -512,6 +521,76 @@ OrtStatus* attention_create(const OrtKernelInfo* info, bool, void** out) {
   return nullptr;
 }
 
+// ---- PackedAttention -----------------------------------------------------------------------
+
+struct PackedAttentionKernel : Kernel {
+  PackedAttentionKernel(int64_t heads, float scale) : heads(heads), scale(scale) {}
+  OrtStatus* compute(OrtKernelContext* context) const override;
+  int64_t heads;
+  float scale;
+};
+
+struct PackedAttentionTask {
+  const float* qkv;
+  const int64_t* cu_seqlens;
+  float* out;
+  int64_t heads, d;
+  float scale;
+};
+
+void packed_attention_task(void* data, size_t i) {
+  const PackedAttentionTask& t = *static_cast<const PackedAttentionTask*>(data);
+  const int64_t unit = static_cast<int64_t>(i);
+  flagc_packed_attention_unit(t.qkv, t.cu_seqlens, t.out, t.heads, t.d, t.scale,
+                              unit / t.heads, unit % t.heads);
+}
+
+OrtStatus* PackedAttentionKernel::compute(OrtKernelContext* context) const {
+  const char* op = "PackedAttention";
+  const OrtValue *qkv = nullptr, *cu = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 0, &qkv));
+  FLAGC_TRY(g_api->KernelContext_GetInput(context, 1, &cu));
+  std::vector<int64_t> qkv_dims, cu_dims;
+  FLAGC_TRY(shape_of(qkv, &qkv_dims));
+  FLAGC_TRY(shape_of(cu, &cu_dims));
+  if (qkv_dims.size() != 2 || qkv_dims[1] % (3 * heads) != 0)
+    return fail(op, "QKV " + dims_text(qkv_dims) + " must be [tokens, 3 * " +
+                        std::to_string(heads) + " heads * head_dim]");
+  if (cu_dims.size() != 1 || cu_dims[0] < 1)
+    return fail(op, "cu_seqlens " + dims_text(cu_dims) + " must be [sequences + 1]");
+  const int64_t tokens = qkv_dims[0], d = qkv_dims[1] / (3 * heads);
+  const int64_t batch = cu_dims[0] - 1;
+  const int64_t* offsets = nullptr;
+  FLAGC_TRY(data_of(cu, &offsets));
+  for (int64_t b = 0; b <= batch; ++b)
+    if (offsets[b] < 0 || offsets[b] > tokens || (b > 0 && offsets[b] < offsets[b - 1]) ||
+        (b == 0 && offsets[0] != 0) || (b == batch && offsets[b] != tokens))
+      return fail(op, "cu_seqlens must rise from 0 to the " + std::to_string(tokens) +
+                          " tokens; entry " + std::to_string(b) + " is " +
+                          std::to_string(offsets[b]));
+  const std::vector<int64_t> y_dims{tokens, heads * d};
+  OrtValue* y = nullptr;
+  FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), 2, &y));
+  PackedAttentionTask task{nullptr, offsets, nullptr, heads, d,
+                           scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d))};
+  float* qkv_p = nullptr;
+  FLAGC_TRY(data_of(qkv, &qkv_p));
+  FLAGC_TRY(data_of(y, &task.out));
+  task.qkv = qkv_p;
+  if (tokens == 0 || batch == 0) return nullptr;
+  return g_api->KernelContext_ParallelFor(context, packed_attention_task,
+                                          static_cast<size_t>(batch * heads), 0, &task);
+}
+
+OrtStatus* packed_attention_create(const OrtKernelInfo* info, bool, void** out) {
+  const int64_t heads = int_attribute(info, "num_heads", 0);
+  if (heads <= 0)
+    return fail("PackedAttention", "num_heads must be positive, got " + std::to_string(heads));
+  *out = static_cast<Kernel*>(
+      new PackedAttentionKernel(heads, float_attribute(info, "scale", 0.f)));
+  return nullptr;
+}
+
 // ---- registration --------------------------------------------------------------------------
 
 using Create = OrtStatus* (*)(const OrtKernelInfo*, bool, void**);
@@ -573,6 +652,7 @@ constexpr auto F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
 constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr auto I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 
 // The ops outlive every session that uses them: static storage.
 std::vector<Op>& ops() {
@@ -583,6 +663,8 @@ std::vector<Op>& ops() {
                         {F32, F32, F32}, 6, attention_create));
     v.push_back(make_op("QGemv", false, {F32, U8, F32, F32, F32}, {F32, F32}, 2, qgemv_create,
                         1));
+    v.push_back(make_op("PackedAttention", false, {F32, I64}, {F32}, 2,
+                        packed_attention_create));
 #ifdef FLAGC_WITH_CUDA
     v.push_back(make_op("DecodeGemv", true, {F16, F16, F16}, {F16}, 2, gemv_create));
 #endif
