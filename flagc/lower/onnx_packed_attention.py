@@ -100,6 +100,10 @@ def _plan(mha, producer, only_reader):
     if (after is None or after.op_type != "Reshape" or gather is None
             or gather.op_type != "Gather"):
         return None
+    # the scatter and the gather use the same packed-row indices (Unsqueeze'd for ScatterND)
+    rows = producer.get(scatter.input[1])
+    if rows is None or rows.op_type != "Unsqueeze" or rows.input[0] != gather.input[1]:
+        return None
     return mha, proj, proj_out, scatter.input[2], gather
 
 
