@@ -148,6 +148,14 @@ struct Kernel {
   virtual OrtStatus* compute(OrtKernelContext* context) const = 0;
 };
 
+// fn(i) for i in [0, count), on onnxruntime's intra-op threads.
+template <typename Fn>
+OrtStatus* parallel_for(OrtKernelContext* context, size_t count, const Fn& fn) {
+  return g_api->KernelContext_ParallelFor(
+      context, [](void* data, size_t i) { (*static_cast<const Fn*>(data))(i); }, count, 0,
+      const_cast<Fn*>(&fn));
+}
+
 // ---- DecodeGemv ----------------------------------------------------------------------------
 
 float half_to_float(uint16_t h) {
@@ -285,25 +293,7 @@ void rms_norm_rows(const float* x, const float* skip, const float* gamma, float 
   }
 }
 
-// One parallel task: a run of weight tiles for every activation row.
-struct QGemvTask {
-  const uint8_t* packed;
-  int bits;
-  bool gated;
-  int64_t n, nb, rows, tiles, tiles_per_task;  // n, tiles: of the output
-  const int8_t* xq;
-  const float *sx, *sums, *bias;
-  float* y;
-};
-
 constexpr int64_t kTilesPerTask = 4;  // 64 rows: small enough to balance two threads at N=576
-
-void qgemv_task(void* data, size_t i) {
-  const QGemvTask& t = *static_cast<const QGemvTask*>(data);
-  const int64_t begin = static_cast<int64_t>(i) * t.tiles_per_task;
-  flagc_qgemv_tiles(t.packed, t.bits, t.n, t.nb, t.gated, t.xq, t.sx, t.sums, t.bias, t.y,
-                    t.rows, begin, std::min(t.tiles, begin + t.tiles_per_task));
-}
 
 OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   const char* op = "QGemv";
@@ -350,13 +340,13 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   OrtValue* y = nullptr;
   FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y));
   if (rows == 0) return nullptr;
-  QGemvTask task{};
-  float *xp = nullptr, *bp = nullptr;
+  float *xp = nullptr, *bp = nullptr, *yp = nullptr;
+  const uint8_t* packed = nullptr;
   FLAGC_TRY(data_of(x, &xp));
-  FLAGC_TRY(data_of(p, &task.packed));
-  if (weights != nullptr) task.packed = weights;  // the same bytes, in huge pages
+  FLAGC_TRY(data_of(p, &packed));
+  if (weights != nullptr) packed = weights;  // the same bytes, in huge pages
   if (b) FLAGC_TRY(data_of(b, &bp));
-  FLAGC_TRY(data_of(y, &task.y));
+  FLAGC_TRY(data_of(y, &yp));
   thread_local std::vector<float> normed;
   if (gamma) {  // the norm before the product: X (+ Skip) normalized, the sum as output 1
     float *skip_p = nullptr, *gamma_p = nullptr, *sum_p = nullptr;
@@ -378,20 +368,18 @@ OrtStatus* QGemvKernel::compute(OrtKernelContext* context) const {
   thread_local std::vector<float> scales;
   xq.resize(static_cast<size_t>(rows * nb * 32));
   scales.resize(static_cast<size_t>(2 * rows * nb));
+  // pointers, not the thread_local names: the tasks run on other threads
+  const int8_t* codes = xq.data();
+  const float *sx = scales.data(), *sums = scales.data() + rows * nb;
   flagc_qgemv_quantize(xp, rows, k, nb, xq.data(), scales.data(), scales.data() + rows * nb);
-  task.bits = bits;
-  task.gated = gated;
-  task.n = n_out;
-  task.nb = nb;
-  task.rows = rows;
-  task.tiles = (n_out + 15) / 16;
-  task.tiles_per_task = kTilesPerTask;
-  task.xq = xq.data();
-  task.sx = scales.data();
-  task.sums = scales.data() + rows * nb;
-  task.bias = bp;
-  const size_t tasks = static_cast<size_t>((task.tiles + kTilesPerTask - 1) / kTilesPerTask);
-  return g_api->KernelContext_ParallelFor(context, qgemv_task, tasks, 0, &task);
+  const int64_t out_tiles = (n_out + 15) / 16;
+  const size_t tasks = static_cast<size_t>((out_tiles + kTilesPerTask - 1) / kTilesPerTask);
+  // each task: a run of output tiles for every activation row
+  return parallel_for(context, tasks, [&](size_t i) {
+    const int64_t begin = static_cast<int64_t>(i) * kTilesPerTask;
+    flagc_qgemv_tiles(packed, bits, n_out, nb, gated, codes, sx, sums, bp, yp, rows, begin,
+                      std::min(out_tiles, begin + kTilesPerTask));
+  });
 }
 
 OrtStatus* qgemv_create(const OrtKernelInfo* info, bool, void** out) {
@@ -436,26 +424,6 @@ struct AttentionKernel : Kernel {
   float scale;
   bool interleaved;
 };
-
-// One parallel task: a (row, key/value head) of the step.
-struct AttentionTask {
-  const float* qkv;
-  float *key_cache, *value_cache;
-  const int32_t* lengths;
-  const float *cos, *sin;
-  float* out;
-  int64_t heads, kv_heads, d, max_seq;
-  float scale;
-  bool interleaved;
-};
-
-void attention_task(void* data, size_t i) {
-  const AttentionTask& t = *static_cast<const AttentionTask*>(data);
-  const int64_t unit = static_cast<int64_t>(i);
-  flagc_decode_attention_unit(t.qkv, t.key_cache, t.value_cache, t.lengths, t.cos, t.sin,
-                              t.out, t.heads, t.kv_heads, t.d, t.max_seq, t.scale,
-                              t.interleaved, unit / t.kv_heads, unit % t.kv_heads);
-}
 
 OrtStatus* AttentionKernel::compute(OrtKernelContext* context) const {
   const char* op = "DecodeAttention";
@@ -503,10 +471,13 @@ OrtStatus* AttentionKernel::compute(OrtKernelContext* context) const {
   if (flagc_decode_attention_check(lengths, batch, max_seq, dims[4][0]) != 0)
     return fail(op, "a cache_length leaves no slot below max_seq " + std::to_string(max_seq) +
                         " or no rotary position below " + std::to_string(dims[4][0]));
-  AttentionTask task{qkv, kp, vp, lengths, cos, sin, yp, heads, kv_heads, d, max_seq,
-                     scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d)), interleaved};
-  return g_api->KernelContext_ParallelFor(context, attention_task,
-                                          static_cast<size_t>(batch * kv_heads), 0, &task);
+  const float s = scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d));
+  // each task: one (row, key/value head) of the step
+  return parallel_for(context, static_cast<size_t>(batch * kv_heads), [&](size_t i) {
+    const int64_t unit = static_cast<int64_t>(i);
+    flagc_decode_attention_unit(qkv, kp, vp, lengths, cos, sin, yp, heads, kv_heads, d, max_seq,
+                                s, interleaved, unit / kv_heads, unit % kv_heads);
+  });
 }
 
 OrtStatus* attention_create(const OrtKernelInfo* info, bool, void** out) {
@@ -529,21 +500,6 @@ struct PackedAttentionKernel : Kernel {
   int64_t heads;
   float scale;
 };
-
-struct PackedAttentionTask {
-  const float* qkv;
-  const int64_t* cu_seqlens;
-  float* out;
-  int64_t heads, d;
-  float scale;
-};
-
-void packed_attention_task(void* data, size_t i) {
-  const PackedAttentionTask& t = *static_cast<const PackedAttentionTask*>(data);
-  const int64_t unit = static_cast<int64_t>(i);
-  flagc_packed_attention_unit(t.qkv, t.cu_seqlens, t.out, t.heads, t.d, t.scale,
-                              unit / t.heads, unit % t.heads);
-}
 
 OrtStatus* PackedAttentionKernel::compute(OrtKernelContext* context) const {
   const char* op = "PackedAttention";
@@ -571,15 +527,16 @@ OrtStatus* PackedAttentionKernel::compute(OrtKernelContext* context) const {
   const std::vector<int64_t> y_dims{tokens, heads * d};
   OrtValue* y = nullptr;
   FLAGC_TRY(g_api->KernelContext_GetOutput(context, 0, y_dims.data(), 2, &y));
-  PackedAttentionTask task{nullptr, offsets, nullptr, heads, d,
-                           scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d))};
-  float* qkv_p = nullptr;
+  float *qkv_p = nullptr, *yp = nullptr;
   FLAGC_TRY(data_of(qkv, &qkv_p));
-  FLAGC_TRY(data_of(y, &task.out));
-  task.qkv = qkv_p;
+  FLAGC_TRY(data_of(y, &yp));
   if (tokens == 0 || batch == 0) return nullptr;
-  return g_api->KernelContext_ParallelFor(context, packed_attention_task,
-                                          static_cast<size_t>(batch * heads), 0, &task);
+  const float s = scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(d));
+  // each task: one (sequence, head)
+  return parallel_for(context, static_cast<size_t>(batch * heads), [&](size_t i) {
+    const int64_t unit = static_cast<int64_t>(i);
+    flagc_packed_attention_unit(qkv_p, offsets, yp, heads, d, s, unit / heads, unit % heads);
+  });
 }
 
 OrtStatus* packed_attention_create(const OrtKernelInfo* info, bool, void** out) {
