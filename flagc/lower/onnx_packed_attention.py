@@ -11,18 +11,20 @@ attends over each sequence's real tokens in the packed layout, so per layer:
         -> MultiHeadAttention(q, k, v, -, -, mask bias) -> Reshape -> Gather(., rows)
     =>  P(packed) -> PackedAttention(., cu_seqlens)
 
-where P is the q|k|v projection (DynamicQuantizeMatMul, or MatMul + Add, reading one row at a
-time), and cu_seqlens [batch + 1] (each sequence's first packed row) is computed once from
-`attention_mask`. Packed rows are the mask's nonzero positions in row-major order (the pass's
-packing), so sequence b's real tokens are rows cu_seqlens[b] .. cu_seqlens[b + 1].
+where P is the q|k|v projection (DynamicQuantizeMatMul, MatMulNBits or a bias-free MatMul:
+ops that read one row at a time, x as their first input), and cu_seqlens [batch + 1] (each
+sequence's first packed row) is computed once from `attention_mask`. Packed rows are the mask's
+nonzero positions in row-major order (the pass's packing), so sequence b's real tokens are rows
+cu_seqlens[b] .. cu_seqlens[b + 1].
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flagc.lower.onnx_kernel_rewrite import DOMAIN, drop_dead, import_domain, \
+from flagc.lower.onnx_kernel_rewrite import DOMAIN, commit_rewrites, drop_dead, \
     only_reader_lookup, readers_of
 
 __all__ = ["use_packed_attention", "CU_SEQLENS"]
@@ -50,21 +52,18 @@ def use_packed_attention(model: onnx.ModelProto, mask: str = "attention_mask") -
             plans.append(plan)
     if not plans:
         return 0
-    _add_cu_seqlens(g, mask)
-    dropped = set()
+    replaced = {}
     for mha, proj, qkv, packed, gather in plans:
         proj.input[0] = packed  # the projection reads the packed rows
         attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
-        g.node.append(helper.make_node(
+        # in the gather's place: after the projection, before the gather's readers
+        replaced[id(gather)] = helper.make_node(
             "PackedAttention", [qkv, CU_SEQLENS], [gather.output[0]], domain=DOMAIN,
             name=f"{mha.name or gather.output[0]}.packed",
-            num_heads=int(attrs["num_heads"]), scale=float(attrs.get("scale", 0.0))))
-        dropped.add(id(gather))
-    kept = [n for n in g.node if id(n) not in dropped]
-    del g.node[:]
-    g.node.extend(_topological(kept))
-    drop_dead(g)
-    import_domain(model)
+            num_heads=int(attrs["num_heads"]), scale=float(attrs.get("scale", 0.0)))
+    commit_rewrites(model, nodes, replaced, {})
+    _add_cu_seqlens(g, mask)
+    drop_dead(g)  # the scatters to padding, the attention and its mask bias
     return len(plans)
 
 
@@ -81,12 +80,6 @@ def _plan(mha, producer, only_reader):
         return None
     proj_out = split.input[0]
     proj = producer.get(proj_out)
-    if proj is not None and proj.op_type == "Add":  # MatMul + bias
-        add = proj
-        proj = next((producer.get(i) for i in add.input if producer.get(i) is not None
-                     and producer[i].op_type == "MatMul"), None)
-        if proj is None or only_reader(proj.output[0]) is not add:
-            return None
     if proj is None or (proj.op_type, proj.domain) not in _ROWWISE \
             or only_reader(proj_out) is not split:
         return None
@@ -110,8 +103,8 @@ def _plan(mha, producer, only_reader):
 def _add_cu_seqlens(g: onnx.GraphProto, mask: str) -> None:
     """cu_seqlens = [0, cumsum(nonzeros of each mask row)] (int64 [batch + 1])."""
     one, zero = f"{CU_SEQLENS}.axis1", f"{CU_SEQLENS}.zero"
-    g.initializer.extend([numpy_helper.from_array(_i64([1]), one),
-                          numpy_helper.from_array(_i64([0]), zero)])
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), one),
+                          numpy_helper.from_array(np.array([0], np.int64), zero)])
     nodes = [
         helper.make_node("Cast", [mask], [f"{CU_SEQLENS}.bool"], to=TensorProto.BOOL),
         helper.make_node("Cast", [f"{CU_SEQLENS}.bool"], [f"{CU_SEQLENS}.ones"],
@@ -123,38 +116,3 @@ def _add_cu_seqlens(g: onnx.GraphProto, mask: str) -> None:
     ]
     for n in reversed(nodes):
         g.node.insert(0, n)
-
-
-def _i64(values):
-    import numpy as np
-
-    return np.asarray(values, dtype=np.int64)
-
-
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """`nodes` ordered so that each comes after the producers of its inputs (the new
-    PackedAttention nodes were appended at the end)."""
-    produced_by = {o: i for i, n in enumerate(nodes) for o in n.output}
-    order, state = [], [0] * len(nodes)
-
-    def visit(i: int) -> None:
-        stack = [(i, False)]
-        while stack:
-            j, done = stack.pop()
-            if done:
-                state[j] = 2
-                order.append(nodes[j])
-                continue
-            if state[j]:
-                continue
-            state[j] = 1
-            stack.append((j, True))
-            for name in nodes[j].input:
-                k = produced_by.get(name)
-                if k is not None and not state[k]:
-                    stack.append((k, False))
-
-    for i in range(len(nodes)):
-        if not state[i]:
-            visit(i)
-    return order
