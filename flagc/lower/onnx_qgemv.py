@@ -111,15 +111,19 @@ class QGemvWeights(DerivedWeights):
         self._refused: set[str] = set()
 
     def packed(self, b: TensorProto, scales: TensorProto, zero_points: TensorProto | None,
-               offsets: np.ndarray | None, bits: int, k: int) -> TensorProto | None:
+               offsets_t: TensorProto | None, bits: int, k: int) -> TensorProto | None:
+        """The packed weight of MatMulNBits' (B, scales, zero points) and the exact grid's
+        offsets^T [nb, N]; read and packed the first time only."""
         key = b.name + ".qgemv"
         if key in self._refused:
             return None
         if key not in self:
-            load = lambda t: numpy_helper.to_array(t, base_dir=self.folder)  # noqa: E731
-            arr = qgemv_weights(load(b), load(scales),
-                                None if zero_points is None else load(zero_points), offsets,
-                                bits, k)
+            def load(t):
+                return None if t is None else numpy_helper.to_array(t, base_dir=self.folder)
+
+            offsets = load(offsets_t)
+            arr = qgemv_weights(load(b), load(scales), load(zero_points),
+                                None if offsets is None else offsets.T, bits, k)
             if arr is None:
                 self._refused.add(key)
                 return None
@@ -149,20 +153,19 @@ def use_qgemv(model: onnx.ModelProto, weights: QGemvWeights) -> int:
                 or b is None or scales is None or scales.data_type != TensorProto.FLOAT
                 or (inputs[3] and zero_points is None) or inputs[4] or len(node.input) > 6):
             continue
-        out, absorbed, offsets = node.output[0], [], None
+        out, absorbed, offsets_t = node.output[0], [], None
         tail = _offsets_tail(node, producer, only_reader, inits, n)
         if tail is not None:
-            (term_nodes, offsets_init) = tail
-            if int(offsets_init.dims[0]) != int(b.dims[1]):
+            (term_nodes, offsets_t) = tail
+            if int(offsets_t.dims[0]) != int(b.dims[1]):
                 continue
-            offsets = numpy_helper.to_array(offsets_init, base_dir=weights.folder).T
             out, absorbed = term_nodes[0].output[0], term_nodes
         extra = {}
         gated = gated_tail(out, n, only_reader, consumers, inits) if n % 32 == 0 else None
         if gated is not None:
             (out, more), extra["gated"] = gated, 1
             absorbed += more
-        packed = weights.packed(b, scales, zero_points, offsets, bits, k)
+        packed = weights.packed(b, scales, zero_points, offsets_t, bits, k)
         if packed is None:
             continue
         new_inits[packed.name] = packed
