@@ -60,7 +60,8 @@ class OrtEngine:
         elif device != "cpu":
             raise RuntimeInputError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
         disabled = list(CPU_DISABLED_OPTIMIZERS) if device == "cpu" else []
-        mappings = huge_pages.anonymous_mappings() if device == "cpu" else None
+        mappings = (huge_pages.anonymous_mappings() if device == "cpu" and huge_pages.enabled()
+                    else None)
         try:
             self.session = ort.InferenceSession(path, opts, providers=providers,
                                                 disabled_optimizers=disabled)
